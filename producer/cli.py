@@ -1,0 +1,245 @@
+"""The `clipfleet` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from producer.client import Client, Job
+from producer.errors import ClipfleetError, InvalidJobSpec
+from producer.settings import Settings
+from producer.state import JobStatus
+
+logger = logging.getLogger(__name__)
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return int(args.handler(args) or 0)
+    except InvalidJobSpec as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ClipfleetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = "INFO" if getattr(args, "verbose", False) else "WARNING"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipfleet", description="Classify images in object storage with CLIP zero-shot prompts.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a job on this machine with a private Redis and worker")
+    _add_job_arguments(run)
+    run.set_defaults(handler=cmd_run)
+
+    submit = commands.add_parser("submit", help="enqueue a job for the workers of CLIPFLEET_REDIS_URL")
+    _add_job_arguments(submit)
+    submit.add_argument("--wait", action="store_true", help="wait for the job to finish and print its summary")
+    submit.set_defaults(handler=cmd_submit)
+
+    for name, handler, text in (
+        ("status", cmd_status, "print a job's state and counters as JSON"),
+        ("wait", cmd_wait, "wait for a job to finish"),
+        ("results", cmd_results, "print a job's result rows as JSON lines"),
+        ("cancel", cmd_cancel, "cancel a job; workers drop its remaining batches"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("job_id", metavar="JOB")
+        command.set_defaults(handler=handler)
+        if name == "wait":
+            command.add_argument("--timeout-s", type=float, default=None, help="give up after this many seconds")
+            command.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
+
+    worker = commands.add_parser("worker", help="start a Celery worker with production defaults")
+    worker.add_argument("--concurrency", type=int, default=1, help="pool processes; one per GPU (default 1)")
+    worker.add_argument("--queue", default=None, help="queue to consume (default: CLIPFLEET_QUEUE)")
+    worker.set_defaults(handler=cmd_worker)
+    return parser
+
+
+def _add_job_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix/, a manifest (.txt .csv .jsonl), or a local folder")
+    labels = command.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help="comma-separated class names, for example cat,dog,car")
+    labels.add_argument("--labels-file", type=Path, help="file with one class name per line, or a .json list or {label: [prompts]} mapping")
+    command.add_argument("--output", required=True, help="s3://bucket/prefix/ or a local folder; results go under OUTPUT/JOB_ID/")
+    command.add_argument("--template", action="append", dest="templates", help="prompt template with {} for the label; repeat for an ensemble (default 'a photo of a {}.')")
+    command.add_argument("--model", help="hub id or local directory of a CLIP checkpoint (default: CLIPFLEET_MODEL)")
+    command.add_argument("--batch-size", type=int, help="images per task (default: CLIPFLEET_BATCH_SIZE, 64)")
+    command.add_argument("--top-k", type=int, default=5, help="labels kept per image, best first (default 5)")
+    command.add_argument("--extensions", help="comma-separated image extensions to list (default .jpg,.jpeg,.png,.webp,.gif,.bmp,.tif,.tiff)")
+
+
+def read_labels(args: argparse.Namespace) -> list[str] | dict[str, list[str]]:
+    """Return the labels of `--labels` or `--labels-file`. Raises InvalidJobSpec for an unreadable file."""
+    if args.labels is not None:
+        return [label for label in args.labels.split(",")]
+    path: Path = args.labels_file
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InvalidJobSpec(f"--labels-file {str(path)!r} cannot be read: {e.strerror}") from e
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidJobSpec(f"--labels-file {str(path)!r} is not valid JSON: {e}") from e
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _submit(client: Client, args: argparse.Namespace) -> Job:
+    extensions = args.extensions.split(",") if args.extensions else None
+    return client.submit(
+        source=args.source,
+        labels=read_labels(args),
+        output=args.output,
+        templates=args.templates,
+        model=args.model,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        extensions=extensions,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a job end to end with a private Redis and one worker, then stop both."""
+    from producer.embedded import EmbeddedStack
+
+    settings = Settings()
+    if settings.redis_url:
+        print(f"CLIPFLEET_REDIS_URL is set ({settings.redis_url}): submitting to that Redis and waiting", file=sys.stderr)
+        return cmd_submit(args, wait=True)
+    model = args.model or settings.model
+    started = time.monotonic()
+    with EmbeddedStack(model) as stack:
+        client = Client(settings.model_copy(update={"redis_url": stack.redis_url}))
+        job = _submit(client, args)
+        try:
+            status = job.wait(progress=True, on_poll=lambda _: stack.check_worker())
+        except BaseException:
+            job.cancel()
+            raise
+        _print_summary(job, status, time.monotonic() - started)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace, wait: bool = False) -> int:
+    client = Client(Settings())
+    job = _submit(client, args)
+    print(job.id)
+    if wait or getattr(args, "wait", False):
+        started = time.monotonic()
+        status = job.wait(progress=sys.stderr.isatty())
+        _print_summary(job, status, time.monotonic() - started)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = Client(Settings()).job(args.job_id).status()
+    print(json.dumps(_status_dict(status), indent=2))
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    job = Client(Settings()).job(args.job_id)
+    status = job.wait(timeout_s=args.timeout_s, progress=not args.no_progress and sys.stderr.isatty())
+    print(json.dumps(_status_dict(status), indent=2))
+    return 0 if status.state == "succeeded" else EXIT_ERROR
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    job = Client(Settings()).job(args.job_id)
+    for row in job.results():
+        sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = Client(Settings()).job(args.job_id)
+    if job.cancel():
+        print(f"cancelled {job.id}")
+        return 0
+    print(f"job {job.id} had already ended ({job.status().state})", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a Celery worker in this process: prefork pool, one task at a time per process, task events on."""
+    from workers.app import app, settings
+
+    queue = args.queue or settings.queue
+    app.worker_main([
+        "worker", f"--concurrency={args.concurrency}", "--pool=prefork", f"--queues={queue}",
+        f"--loglevel={settings.log_level}", "--task-events", "--without-gossip", "--without-mingle",
+    ])
+    return 0
+
+
+def _status_dict(status: JobStatus) -> dict[str, Any]:
+    return {
+        "job_id": status.job_id,
+        "state": status.state,
+        "total": status.total,
+        "done": status.done,
+        "succeeded": status.succeeded,
+        "failed": status.failed,
+        "skipped": status.skipped,
+        "images_per_s": round(status.images_per_s, 2) if status.images_per_s else None,
+        "eta_s": round(status.eta_s, 1) if status.eta_s is not None else None,
+    }
+
+
+def _print_summary(job: Job, status: JobStatus, elapsed_s: float) -> None:
+    labels: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for row in job.results():
+        if row["error"]:
+            errors[row["error"]["code"]] += 1
+        else:
+            labels[row["label"]] += 1
+    print(f"job {job.id}: {status.state}")
+    print(f"  images: {status.total or 0} total, {status.succeeded} classified, {status.failed} failed, {status.skipped} skipped (not images)")
+    print(f"  time: {elapsed_s:.1f} s" + (f", {status.images_per_s:.1f} images/s" if status.images_per_s else ""))
+    for label, count in labels.most_common(20):
+        print(f"  {count:>8}  {label}")
+    if len(labels) > 20:
+        print(f"  ... and {len(labels) - 20} more labels")
+    for code, count in errors.most_common():
+        print(f"  {count:>8}  error: {code}")
+    print(f"  results: {job.output}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

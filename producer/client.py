@@ -1,0 +1,221 @@
+"""The Python API: submit a job, follow it, read its results."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from producer.constants import STATE_CANCELLED, STATE_FAILED
+from producer.errors import ClipfleetError, InvalidJobSpec
+from producer.messages import BatchMessage
+from producer.queue import BatchSender, make_celery
+from producer.results import finalize_job, iter_results, job_output
+from producer.settings import Settings
+from producer.sources import ListingStats, iter_source
+from producer.spec import JobSpec, build_spec
+from producer.state import JobStatus, JobStore
+from producer.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+
+class Client:
+    """Submits jobs to the Redis queue that the workers read, and looks jobs up by id."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        if not self.settings.redis_url:
+            raise ClipfleetError(
+                "CLIPFLEET_REDIS_URL is not set: point it at the Redis the workers use "
+                "(for example redis://localhost:6379/0), or use `clipfleet run` to start a private one"
+            )
+        self.store = JobStore.from_url(self.settings.redis_url)
+        self.storage = Storage(self.settings.s3_endpoint_url, timeout_s=self.settings.fetch_timeout_s)
+        self._celery = make_celery(self.settings, name="clipfleet-producer")
+
+    @classmethod
+    def from_env(cls) -> "Client":
+        """Build a client from the `CLIPFLEET_*` environment variables."""
+        return cls(Settings())
+
+    def submit(
+        self,
+        source: str,
+        labels: Sequence[str] | Mapping[str, Sequence[str]],
+        output: str,
+        templates: Sequence[str] | None = None,
+        model: str | None = None,
+        batch_size: int | None = None,
+        top_k: int = 5,
+        extensions: Sequence[str] | None = None,
+    ) -> "Job":
+        """Validate a job, list its source and enqueue one task per batch. Returns once every batch is enqueued.
+
+        Raises InvalidJobSpec (nothing enqueued) for an invalid spec, a bucket outside
+        CLIPFLEET_ALLOWED_BUCKETS, or a source that cannot be listed.
+        """
+        spec = build_spec(**_spec_fields(self.settings, source, labels, output, templates, model, batch_size, top_k, extensions))
+        self._check_buckets(spec)
+        stats = ListingStats()
+        uris = iter_source(spec.source, self.storage, spec.extensions, stats)
+        first = _first_or_none(uris)
+        job_id = new_job_id()
+        self.store.create(job_id, spec)
+        logger.info("Job %s created: %s -> %s", job_id, spec.source, job_output(spec, job_id))
+        remaining = itertools.chain([first], uris) if first is not None else iter(())
+        try:
+            batches = self._enqueue(job_id, spec, remaining)
+        except BaseException as e:
+            self.store.set_fields(job_id, state=STATE_FAILED, error=str(e) or type(e).__name__, finished_at=time.time())
+            raise
+        if self.store.finish_listing(job_id, stats.listed, stats.skipped, batches):
+            finalize_job(self.store, self.storage, job_id)
+        logger.info("Job %s enqueued: %d images in %d batches, %d skipped", job_id, stats.listed, batches, stats.skipped)
+        return Job(self, job_id)
+
+    def job(self, job_id: str) -> "Job":
+        """Return the job with this id. Raises JobNotFound if Redis has no such job."""
+        self.store.state(job_id)
+        return Job(self, job_id)
+
+    def _enqueue(self, job_id: str, spec: JobSpec, uris: Iterator[str]) -> int:
+        sender = BatchSender(self._celery, self.settings.queue, self.settings.queue_high_water)
+        batch = 0
+        while chunk := list(itertools.islice(uris, spec.batch_size)):
+            if self.store.state(job_id) == STATE_CANCELLED:
+                logger.info("Job %s was cancelled; enqueueing stopped after %d batches", job_id, batch)
+                break
+            sender.send(BatchMessage(job_id=job_id, batch=batch, uris=chunk))
+            self.store.add_listed(job_id, len(chunk))
+            batch += 1
+        return batch
+
+    def _check_buckets(self, spec: JobSpec) -> None:
+        allowed = set(self.settings.allowed_buckets)
+        outside = sorted(spec.buckets() - allowed) if allowed else []
+        if outside:
+            raise InvalidJobSpec(
+                f"bucket(s) {outside!r} are not in CLIPFLEET_ALLOWED_BUCKETS={sorted(allowed)!r}; "
+                "add them to that setting or use an allowed bucket"
+            )
+
+
+class Job:
+    """A submitted job. Methods read Redis and object storage; the object holds no state of its own."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.client.store.spec(self.id)
+
+    @property
+    def output(self) -> str:
+        """The folder or prefix that holds this job's shards and `_SUCCESS.json`."""
+        return job_output(self.spec, self.id)
+
+    def status(self) -> JobStatus:
+        return self.client.store.status(self.id)
+
+    def wait(
+        self,
+        timeout_s: float | None = None,
+        progress: bool = True,
+        poll_s: float = 0.5,
+        on_poll: Callable[[JobStatus], None] | None = None,
+    ) -> JobStatus:
+        """Block until the job succeeds, fails or is cancelled, and return its final status.
+
+        `on_poll` is called with each status read, for callers that supervise processes while waiting.
+        Raises TimeoutError when `timeout_s` passes first; the job keeps running.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        bar = _ProgressBar() if progress else None
+        try:
+            while True:
+                status = self.status()
+                if bar:
+                    bar.update(status)
+                if on_poll:
+                    on_poll(status)
+                if status.is_final:
+                    return status
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"job {self.id} still {status.state} after {timeout_s} s ({status.done} images done)")
+                time.sleep(poll_s)
+        finally:
+            if bar:
+                bar.close()
+
+    def results(self) -> Iterator[dict[str, Any]]:
+        """Yield result rows in batch order. Rows of a running job's finished batches are included."""
+        return iter_results(self.client.storage, self.spec, self.id)
+
+    def cancel(self) -> bool:
+        """Stop the job: workers drop its remaining batches. Returns False if it had already ended."""
+        return self.client.store.cancel(self.id)
+
+
+class _ProgressBar:
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(unit="img", dynamic_ncols=True, desc="classifying")
+
+    def update(self, status: JobStatus) -> None:
+        if status.total is not None and self._bar.total != status.total:
+            self._bar.total = status.total
+            self._bar.refresh()
+        self._bar.update(status.done - self._bar.n)
+        if status.failed:
+            self._bar.set_postfix(failed=status.failed, refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def new_job_id() -> str:
+    """Return a new job id: UTC time to the second and 8 random hex digits, so ids sort by creation."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{uuid.uuid4().hex[:8]}"
+
+
+def _first_or_none(items: Iterator[str]) -> str | None:
+    return next(items, None)
+
+
+def _spec_fields(
+    settings: Settings,
+    source: str,
+    labels: Any,
+    output: str,
+    templates: Sequence[str] | None,
+    model: str | None,
+    batch_size: int | None,
+    top_k: int,
+    extensions: Sequence[str] | None,
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "source": source,
+        "labels": dict(labels) if isinstance(labels, Mapping) else labels,
+        "output": output,
+        "model": model or settings.model,
+        "model_revision": settings.model_revision,
+        "batch_size": batch_size or settings.batch_size,
+        "top_k": top_k,
+    }
+    if templates is not None:
+        fields["templates"] = list(templates)
+    if extensions is not None:
+        fields["extensions"] = list(extensions)
+    return fields

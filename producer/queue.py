@@ -1,0 +1,76 @@
+"""The Celery configuration shared by producers and workers, and the enqueueing of batch tasks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Celery
+
+from producer.constants import TASK_CLASSIFY_BATCH
+from producer.messages import BatchMessage
+from producer.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Return the Celery settings for at-least-once delivery of JSON batch messages.
+
+    - `task_acks_late`: a message is acknowledged after its batch finished, so a worker that dies mid-batch
+      leaves the message to be delivered again instead of losing it.
+    - `task_reject_on_worker_lost`: when a pool process is killed (for example by the OOM killer) the
+      message goes back to the queue instead of being acknowledged as failed.
+    - `worker_prefetch_multiplier = 1`: a worker reserves one batch at a time, so batches are not stranded
+      behind a slow or dead worker.
+    - `visibility_timeout`: Redis redelivers an unacknowledged message after this many seconds. It must exceed
+      the longest batch, or a slow batch runs twice; kombu's default of one hour delays recovery of a killed
+      worker's batch by up to an hour.
+    """
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue,
+    }
+
+
+def make_celery(settings: Settings, name: str = "clipfleet") -> Celery:
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class BatchSender:
+    """Sends batch tasks by name, pausing while the queue is longer than `high_water` tasks."""
+
+    def __init__(self, app: Celery, queue: str, high_water: int, poll_s: float = 1.0) -> None:
+        self.app = app
+        self.queue = queue
+        self.high_water = high_water
+        self.poll_s = poll_s
+
+    def send(self, message: BatchMessage) -> None:
+        self._wait_for_room()
+        self.app.send_task(TASK_CLASSIFY_BATCH, args=[message.model_dump(mode="json")], queue=self.queue)
+
+    def queue_length(self) -> int:
+        with self.app.connection_for_write() as connection:
+            client = connection.default_channel.client
+            return int(client.llen(self.queue))
+
+    def _wait_for_room(self) -> None:
+        waited = False
+        while self.queue_length() >= self.high_water:
+            if not waited:
+                logger.info("Queue %s holds %d or more tasks; pausing until it drains", self.queue, self.high_water)
+                waited = True
+            time.sleep(self.poll_s)

@@ -1,0 +1,41 @@
+"""The Celery app of the workers: `celery -A workers.app worker` starts one.
+
+The model is loaded in each pool process after the fork (`worker_process_init`), never in the parent that
+forks. The parent only checks, at start, that the model's files can be found, so a missing model stops the
+worker at once with a message that says how to provide it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, signals
+
+from producer.queue import celery_config
+from producer.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+settings = Settings()
+app = Celery("clipfleet", include=["workers.tasks"])
+app.conf.update(celery_config(settings))
+
+
+@signals.worker_init.connect
+def check_model_available(**_: Any) -> None:
+    """Fail the worker at start when Redis is not configured or the model cannot be found."""
+    from workers.model import resolve_checkpoint
+
+    if not settings.redis_url:
+        raise SystemExit("CLIPFLEET_REDIS_URL is not set: workers need the Redis that producers enqueue into")
+    path = resolve_checkpoint(settings.model, settings.model_revision)
+    logger.info("Model %s found at %s", settings.model, path)
+
+
+@signals.worker_process_init.connect
+def load_model_in_pool_process(**_: Any) -> None:
+    """Load the default model in a freshly forked pool process, before it takes a task."""
+    from workers.runtime import get_runtime
+
+    get_runtime().model(settings.model, settings.model_revision)

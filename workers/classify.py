@@ -1,0 +1,79 @@
+"""Zero-shot scoring: CLIP's image and text towers, cosine similarity, softmax over labels, top-k.
+
+Scores are CLIP's own: L2-normalised embeddings, cosine similarity times `logit_scale.exp()`, softmax over
+the labels. A label with several prompts uses the normalised mean of its normalised prompt embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from workers.model import LoadedModel
+
+TEXT_BATCH_SIZE = 256
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output holds the projected features; 4.x a tensor.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _normalise(features: torch.Tensor) -> torch.Tensor:
+    return features / features.norm(p=2, dim=-1, keepdim=True)
+
+
+@torch.inference_mode()
+def encode_prompts(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
+    """Return L2-normalised float32 text embeddings, `[len(prompts), dim]`, on the CPU.
+
+    Prompts longer than the model's context (77 tokens for CLIP) are truncated.
+    """
+    chunks = []
+    for start in range(0, len(prompts), TEXT_BATCH_SIZE):
+        tokens = loaded.tokenizer(
+            prompts[start : start + TEXT_BATCH_SIZE], padding=True, truncation=True, return_tensors="pt"
+        ).to(loaded.device)
+        features = _pooled(loaded.model.get_text_features(**tokens)).float()  # [chunk, dim]
+        chunks.append(_normalise(features).cpu())
+    return torch.cat(chunks)
+
+
+def label_embeddings(loaded: LoadedModel, prompts: dict[str, list[str]]) -> torch.Tensor:
+    """Return one normalised embedding per label, `[labels, dim]` float32, in the order of `prompts`."""
+    flat = [prompt for label_prompts in prompts.values() for prompt in label_prompts]
+    encoded = encode_prompts(loaded, flat)  # [prompts, dim]
+    rows = []
+    start = 0
+    for label_prompts in prompts.values():
+        mean = encoded[start : start + len(label_prompts)].mean(dim=0)
+        rows.append(mean / mean.norm(p=2))
+        start += len(label_prompts)
+    return torch.stack(rows)
+
+
+@torch.inference_mode()
+def encode_images(loaded: LoadedModel, pixels: np.ndarray) -> torch.Tensor:
+    """Return L2-normalised float32 image embeddings, `[batch, dim]`, for preprocessed `pixels` `[batch, 3, H, W]`."""
+    tensor = torch.from_numpy(pixels).to(loaded.device)
+    autocast = loaded.dtype != torch.float32
+    with torch.autocast(loaded.device.type, dtype=loaded.dtype, enabled=autocast):
+        features = _pooled(loaded.model.get_image_features(pixel_values=tensor))
+    return _normalise(features.float()).cpu()
+
+
+def score(image_embeddings: torch.Tensor, label_embeddings_: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Return softmax probabilities over labels, `[images, labels]`, from normalised embeddings."""
+    logits = logit_scale * image_embeddings @ label_embeddings_.T  # [images, labels]
+    return logits.softmax(dim=-1)
+
+
+def top_k_rows(probabilities: torch.Tensor, labels: list[str], k: int) -> list[list[dict[str, Any]]]:
+    """Return, per image, the `k` best labels with their scores, highest first."""
+    values, indices = probabilities.topk(min(k, len(labels)), dim=-1)
+    return [
+        [{"label": labels[i], "score": float(v)} for v, i in zip(row_values.tolist(), row_indices.tolist())]
+        for row_values, row_indices in zip(values, indices)
+    ]

@@ -1,0 +1,120 @@
+"""Loading a CLIP checkpoint (hub id or local directory) and choosing its device and dtype."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Files a CLIP checkpoint needs for classification; other files in a hub repository are not downloaded.
+CHECKPOINT_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded. The message names the model and how to provide it."""
+
+
+@dataclass
+class LoadedModel:
+    """A CLIP model ready for inference, with the tokenizer and image processor saved beside it.
+
+    Weights stay in float32; `dtype` is the autocast type of the image tower. Not thread-safe: run it from
+    one thread at a time.
+    """
+
+    name: str
+    revision: str | None
+    path: str
+    model: Any
+    tokenizer: Any
+    processor: Any
+    device: Any
+    dtype: Any
+    load_s: float
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp().item())
+
+
+def resolve_checkpoint(name: str, revision: str | None = None) -> str:
+    """Return a local directory holding checkpoint `name`, downloading it from the hub when needed.
+
+    A local directory is used as it is. Raises ModelLoadError naming the model and how to provide a copy
+    when it is neither a directory nor available from the hub or the local hub cache.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {str(path)!r} has no config.json; point CLIPFLEET_MODEL at a CLIP checkpoint saved with save_pretrained")
+        return str(path.absolute())
+    if name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model directory {name!r} does not exist; set CLIPFLEET_MODEL to an existing directory or a hub id")
+    return _download(name, revision)
+
+
+def _download(name: str, revision: str | None) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
+    except Exception as e:  # huggingface_hub raises many types: offline, not found, gated, HTTP errors
+        raise ModelLoadError(_not_available_message(name, e)) from e
+
+
+def _not_available_message(name: str, error: Exception) -> str:
+    return (
+        f"model {name!r} could not be loaded: it is not in the local Hugging Face cache and the hub could not "
+        f"provide it ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}). "
+        f"On a machine with network access run `hf download {name} --local-dir ./{name.split('/')[-1]}`, "
+        f"copy that directory here and set CLIPFLEET_MODEL to its path (or pass --model PATH)."
+    )
+
+
+def choose_device(setting: str) -> Any:
+    import torch
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CLIPFLEET_DEVICE=cuda but torch finds no CUDA device; use auto or cpu")
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(setting)
+
+
+def choose_dtype(setting: str, device: Any) -> Any:
+    """Return the image tower's compute dtype: float16 on CUDA and float32 on CPU for `auto`."""
+    import torch
+
+    if setting == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def load_model(name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load model, tokenizer and image processor through `from_pretrained`. Raises ModelLoadError."""
+    import torch
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+    started = time.perf_counter()
+    path = resolve_checkpoint(name, revision)
+    torch_device = choose_device(device)
+    try:
+        model = CLIPModel.from_pretrained(path, dtype=torch.float32).to(torch_device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        processor = CLIPImageProcessorPil.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model {name!r} at {path!r} could not be loaded: {e}") from e
+    load_s = time.perf_counter() - started
+    resolved_revision = revision or _snapshot_revision(path)
+    logger.info("Loaded model %s (revision %s) on %s in %.1f s", name, resolved_revision, torch_device, load_s)
+    return LoadedModel(name, resolved_revision, path, model, tokenizer, processor, torch_device, choose_dtype(dtype, torch_device), load_s)
+
+
+def _snapshot_revision(path: str) -> str | None:
+    """Return the commit hash of a hub cache snapshot directory (`.../snapshots/<commit>`), else None."""
+    parent = Path(path).parent
+    return Path(path).name if parent.name == "snapshots" else None

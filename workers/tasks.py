@@ -1,0 +1,43 @@
+"""Celery tasks: thin wrappers that validate the message and call the plain functions in `workers.pipeline`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from producer.constants import TASK_CLASSIFY_BATCH
+from producer.errors import StorageError
+from producer.messages import BatchMessage
+from workers.app import app, settings
+from workers.model import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# Failures worth another delivery: the batch may succeed once the service or the model is back.
+TRANSIENT_ERRORS = (StorageError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ModelLoadError)
+
+
+@app.task(
+    name=TASK_CLASSIFY_BATCH,
+    autoretry_for=TRANSIENT_ERRORS,
+    max_retries=settings.max_delivery_attempts,
+    retry_backoff=2,
+    retry_backoff_max=120,
+    retry_jitter=True,
+)
+def classify_batch(payload: dict[str, Any]) -> dict[str, Any]:
+    """Classify one batch. Retried with exponential backoff on transient errors; the delivery cap in
+    `process_batch` records the batch as failed once retries run out."""
+    from workers.pipeline import process_batch
+    from workers.runtime import get_runtime
+
+    try:
+        message = BatchMessage.model_validate(payload)
+    except ValidationError as e:
+        logger.error("Dropped a malformed batch message: %s", e)
+        return {"status": "invalid_message"}
+    outcome = process_batch(get_runtime(), message)
+    return {"status": outcome.status, "succeeded": outcome.succeeded, "failed": outcome.failed}
