@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from producer.client import Client, Job
+from producer.client import Client, Job, make_spec
 from producer.errors import ClipfleetError, InvalidJobSpec
 from producer.settings import Settings
+from producer.spec import JobSpec
 from producer.state import JobStatus
 
 logger = logging.getLogger(__name__)
@@ -119,9 +120,10 @@ def read_labels(args: argparse.Namespace) -> list[str] | dict[str, list[str]]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _submit(client: Client, args: argparse.Namespace) -> Job:
+def _spec(settings: Settings, args: argparse.Namespace) -> JobSpec:
     extensions = args.extensions.split(",") if args.extensions else None
-    return client.submit(
+    return make_spec(
+        settings,
         source=args.source,
         labels=read_labels(args),
         output=args.output,
@@ -141,11 +143,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings.redis_url:
         print(f"CLIPFLEET_REDIS_URL is set ({settings.redis_url}): submitting to that Redis and waiting", file=sys.stderr)
         return cmd_submit(args, wait=True)
-    model = args.model or settings.model
+    spec = _spec(settings, args)  # invalid input fails before any process starts
     started = time.monotonic()
-    with EmbeddedStack(model) as stack:
+    with EmbeddedStack(spec.model) as stack:
         client = Client(settings.model_copy(update={"redis_url": stack.redis_url}))
-        job = _submit(client, args)
+        job = client.submit_spec(spec)
         try:
             status = job.wait(progress=True, on_poll=lambda _: stack.check_worker())
         except BaseException:
@@ -157,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace, wait: bool = False) -> int:
     client = Client(Settings())
-    job = _submit(client, args)
+    job = client.submit_spec(_spec(client.settings, args))
     print(job.id)
     if wait or getattr(args, "wait", False):
         started = time.monotonic()

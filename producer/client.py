@@ -59,8 +59,11 @@ class Client:
         Raises InvalidJobSpec (nothing enqueued) for an invalid spec, a bucket outside
         CLIPFLEET_ALLOWED_BUCKETS, or a source that cannot be listed.
         """
-        spec = build_spec(**_spec_fields(self.settings, source, labels, output, templates, model, batch_size, top_k, extensions))
-        self._check_buckets(spec)
+        spec = make_spec(self.settings, source, labels, output, templates, model, batch_size, top_k, extensions)
+        return self.submit_spec(spec)
+
+    def submit_spec(self, spec: JobSpec) -> "Job":
+        """Enqueue a validated job; see `submit`."""
         stats = ListingStats()
         uris = iter_source(spec.source, self.storage, spec.extensions, stats)
         first = _first_or_none(uris)
@@ -94,15 +97,6 @@ class Client:
             self.store.add_listed(job_id, len(chunk))
             batch += 1
         return batch
-
-    def _check_buckets(self, spec: JobSpec) -> None:
-        allowed = set(self.settings.allowed_buckets)
-        outside = sorted(spec.buckets() - allowed) if allowed else []
-        if outside:
-            raise InvalidJobSpec(
-                f"bucket(s) {outside!r} are not in CLIPFLEET_ALLOWED_BUCKETS={sorted(allowed)!r}; "
-                "add them to that setting or use an allowed bucket"
-            )
 
 
 class Job:
@@ -192,6 +186,30 @@ def new_job_id() -> str:
 
 def _first_or_none(items: Iterator[str]) -> str | None:
     return next(items, None)
+
+
+def make_spec(
+    settings: Settings,
+    source: str,
+    labels: Sequence[str] | Mapping[str, Sequence[str]],
+    output: str,
+    templates: Sequence[str] | None = None,
+    model: str | None = None,
+    batch_size: int | None = None,
+    top_k: int = 5,
+    extensions: Sequence[str] | None = None,
+) -> JobSpec:
+    """Validate a job, filling unset fields from `settings`. Raises InvalidJobSpec naming each invalid field,
+    or a bucket outside CLIPFLEET_ALLOWED_BUCKETS."""
+    spec = build_spec(**_spec_fields(settings, source, labels, output, templates, model, batch_size, top_k, extensions))
+    allowed = set(settings.allowed_buckets)
+    outside = sorted(spec.buckets() - allowed) if allowed else []
+    if outside:
+        raise InvalidJobSpec(
+            f"bucket(s) {outside!r} are not in CLIPFLEET_ALLOWED_BUCKETS={sorted(allowed)!r}; "
+            "add them to that setting or use an allowed bucket"
+        )
+    return spec
 
 
 def _spec_fields(

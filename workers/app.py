@@ -25,11 +25,15 @@ app.conf.update(celery_config(settings))
 @signals.worker_init.connect
 def check_model_available(**_: Any) -> None:
     """Fail the worker at start when Redis is not configured or the model cannot be found."""
-    from workers.model import resolve_checkpoint
+    from workers.model import ModelLoadError, resolve_checkpoint
 
+    # Celery logs and ignores exceptions raised by signal handlers; SystemExit is not caught, so it stops the worker.
     if not settings.redis_url:
-        raise SystemExit("CLIPFLEET_REDIS_URL is not set: workers need the Redis that producers enqueue into")
-    path = resolve_checkpoint(settings.model, settings.model_revision)
+        raise SystemExit("error: CLIPFLEET_REDIS_URL is not set: workers need the Redis that producers enqueue into")
+    try:
+        path = resolve_checkpoint(settings.model, settings.model_revision)
+    except ModelLoadError as e:
+        raise SystemExit(f"error: {e}") from e
     logger.info("Model %s found at %s", settings.model, path)
 
 

@@ -1,0 +1,53 @@
+"""A real Celery worker process for integration tests, started through the product's own command."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from producer.embedded import ManagedProcess
+
+READY_TIMEOUT_S = 120.0
+
+
+def start_worker(
+    log_dir: Path,
+    redis_url: str,
+    model_dir: Path,
+    s3_endpoint_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> ManagedProcess:
+    """Start `celery -A workers.app worker` with one pool process and wait until it is ready for tasks."""
+    env = dict(os.environ)
+    env.update(
+        CLIPFLEET_REDIS_URL=redis_url,
+        CLIPFLEET_MODEL=str(model_dir),
+        CLIPFLEET_FETCH_THREADS="4",
+    )
+    if s3_endpoint_url:
+        env["CLIPFLEET_S3_ENDPOINT_URL"] = s3_endpoint_url
+    env.update(extra_env or {})
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool=prefork", "--concurrency=1",
+        "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat", "--hostname", f"{name}@%h",
+    ]
+    worker = ManagedProcess(name, argv, log_dir / f"{name}.log", env)
+    _wait_until_ready(worker)
+    return worker
+
+
+def _wait_until_ready(worker: ManagedProcess) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        log = worker.log_path.read_text(errors="replace") if worker.log_path.exists() else ""
+        if "ready." in log and "Loaded model" in log:
+            return
+        if not worker.running():
+            raise RuntimeError(f"worker exited with code {worker.process.returncode}:\n{worker.log_tail(40)}")
+        time.sleep(0.2)
+    worker.stop()
+    raise TimeoutError(f"worker not ready within {READY_TIMEOUT_S} s:\n{worker.log_tail(40)}")

@@ -1,0 +1,130 @@
+"""`clipfleet run` and `clipfleet worker` as a user runs them: real subprocesses, checked for leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+DATA = Path(__file__).resolve().parent / "data"
+RUN_TIMEOUT_S = 240
+
+
+def clipfleet(*args: str, env: dict[str, str] | None = None, timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args], capture_output=True, text=True, timeout=timeout_s, env=env
+    )
+
+
+def private_environment() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CLIPFLEET_")}
+    return env
+
+
+def stray_processes(marker: str) -> list[str]:
+    """Return command lines of live processes that mention `marker`, other than this test process."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if marker in cmdline and process.info["pid"] != os.getpid():
+            found.append(cmdline)
+    return found
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    for photo in ("chelsea.jpg", "coffee.jpg", "rocket.jpg"):
+        shutil.copy(DATA / photo, folder / photo)
+    shutil.copy(DATA / "astronaut.jpg", folder / "nested" / "space walk+1.JPG")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_run_classifies_local_folder(photos: Path, tmp_path: Path, tiny_clip_dir: Path) -> None:
+    output = tmp_path / "results"
+    result = clipfleet("run", str(photos), "--labels", "cat,rocket,coffee", "--output", str(output), "--model", str(tiny_clip_dir), env=private_environment())
+    assert result.returncode == 0, result.stderr
+    assert "5 total, 4 classified, 1 failed, 1 skipped" in result.stdout
+    assert "error: decode_error" in result.stdout
+
+    (job_folder,) = output.iterdir()
+    summary = json.loads((job_folder / "_SUCCESS.json").read_text())
+    rows = [json.loads(line) for line in (job_folder / "part-000000.jsonl").read_text().splitlines()]
+    assert (summary["total"], summary["succeeded"], summary["failed"]) == (5, 4, 1)
+    assert sorted(row["uri"] for row in rows) == sorted(str(path) for path in photos.rglob("*") if path.suffix.lower() in (".jpg", ".png"))
+    assert f"results: {job_folder}" in result.stdout
+
+
+def test_run_leaves_no_process(photos: Path, tmp_path: Path, tiny_clip_dir: Path) -> None:
+    result = clipfleet("run", str(photos), "--labels", "cat,dog", "--output", str(tmp_path / "out"), "--model", str(tiny_clip_dir), env=private_environment())
+    assert result.returncode == 0, result.stderr
+    assert stray_processes(str(tiny_clip_dir)) == []
+
+
+def test_run_interrupted_stops_everything(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    photos = tmp_path / "many"
+    photos.mkdir()
+    for index in range(400):
+        shutil.copy(DATA / "coffee.jpg", photos / f"{index:04d}.jpg")
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "producer.cli", "run", str(photos), "--labels", "cat,dog", "--output", str(output), "--model", str(tiny_clip_dir), "--batch-size", "4"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=private_environment())
+    try:
+        _wait_for_first_shard(output, process)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert stray_processes(str(tiny_clip_dir)) == []
+    assert len(list(output.glob("*/part-*.jsonl"))) < 100
+
+
+def _wait_for_first_shard(output: Path, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if list(output.glob("*/part-*.jsonl")):
+            return
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.1)
+    raise TimeoutError("no shard written")
+
+
+def test_run_missing_model_explains_fix(photos: Path, tmp_path: Path) -> None:
+    env = private_environment() | {"HF_HUB_OFFLINE": "1"}
+    result = clipfleet("run", str(photos), "--labels", "cat", "--output", str(tmp_path / "out"), "--model", "no-such-org/no-such-clip", env=env)
+    assert result.returncode == 1
+    assert "'no-such-org/no-such-clip'" in result.stderr
+    assert "CLIPFLEET_MODEL" in result.stderr
+    assert stray_processes("no-such-org/no-such-clip") == []
+
+
+def test_worker_fails_at_start_without_model(redis_url: str) -> None:
+    env = private_environment() | {"HF_HUB_OFFLINE": "1", "CLIPFLEET_REDIS_URL": redis_url, "CLIPFLEET_MODEL": "openai/clip-vit-base-patch32"}
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool=prefork", "--concurrency=1"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode != 0
+    assert "model 'openai/clip-vit-base-patch32' could not be loaded" in result.stderr
+    assert "hf download openai/clip-vit-base-patch32" in result.stderr
+
+
+def test_run_invalid_labels_exit_2(photos: Path, tmp_path: Path) -> None:
+    result = clipfleet("run", str(photos), "--labels", "cat,,dog", "--output", str(tmp_path / "out"), env=private_environment())
+    assert result.returncode == 2
+    assert "labels" in result.stderr
+    assert "empty" in result.stderr

@@ -1,0 +1,262 @@
+"""Wiring checks for docker-compose.yml and the worker image, without a Docker engine.
+
+The file is parsed with PyYAML and ``${VAR:-default}`` interpolation is resolved here, so the
+checks see the values that ``docker compose config`` would produce for a given environment.
+They cover names, hosts, ports and credentials, not whether the images run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from producer.constants import DEFAULT_MODEL
+from producer.uris import parse_s3_uri
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+
+# ${NAME}, ${NAME:-default}, ${NAME-default}, $NAME and the escape $$, as in the Compose spec.
+# The :?/? error forms are not used in docker-compose.yml and are left unresolved.
+INTERPOLATION = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<operator>:?-)(?P<default>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+OVERRIDDEN_ENVIRONMENT = {
+    "MINIO_ROOT_USER": "operator",
+    "MINIO_ROOT_PASSWORD": "a-much-longer-secret",
+    "CLIPFLEET_MODEL": "/models/clip",
+}
+
+
+def interpolate(text: str, environment: Mapping[str, str]) -> str:
+    """Resolve Compose variable references in text against environment."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group("escaped"):
+            return "$"
+        name = match.group("braced") or match.group("bare")
+        value = environment.get(name)
+        operator = match.group("operator")
+        if operator == ":-" and not value:
+            return match.group("default")
+        if operator == "-" and value is None:
+            return match.group("default")
+        return value or ""
+
+    return INTERPOLATION.sub(replace, text)
+
+
+def interpolate_tree(node: Any, environment: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return interpolate(node, environment)
+    if isinstance(node, list):
+        return [interpolate_tree(item, environment) for item in node]
+    if isinstance(node, dict):
+        return {key: interpolate_tree(value, environment) for key, value in node.items()}
+    return node
+
+
+def load_compose(environment: Mapping[str, str] | None = None) -> dict[str, Any]:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    return interpolate_tree(raw, environment or {})
+
+
+def service_environment(service: Mapping[str, Any]) -> dict[str, str]:
+    """Return a service's environment as a dict, from either the mapping or the list form."""
+    entries = service.get("environment") or {}
+    if isinstance(entries, list):
+        return dict(entry.split("=", 1) for entry in entries)
+    return {key: "" if value is None else str(value) for key, value in entries.items()}
+
+
+def command_words(service: Mapping[str, Any]) -> list[str]:
+    command = service.get("command") or []
+    return shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
+
+
+def option_value(words: list[str], option: str) -> str | None:
+    """Return the word after option in a command line, or None when the option is absent."""
+    if option not in words:
+        return None
+    position = words.index(option)
+    return words[position + 1] if position + 1 < len(words) else None
+
+
+def container_ports(service: Mapping[str, Any]) -> set[int]:
+    """Return the container-side ports of a service's short-syntax port mappings."""
+    ports = set()
+    for mapping in service.get("ports") or []:
+        container_part = str(mapping).rsplit(":", 1)[-1]
+        ports.add(int(container_part.split("/", 1)[0]))
+    return ports
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """Return (INSTRUCTION, arguments) pairs from a Dockerfile, with continuation lines joined."""
+    text = re.sub(r"\\\n", " ", path.read_text(encoding="utf-8"))
+    instructions = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, arguments = line.partition(" ")
+            instructions.append((keyword.upper(), arguments.strip()))
+    return instructions
+
+
+def exec_form(arguments: str) -> list[str]:
+    return json.loads(arguments)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load_compose()
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, Any]:
+    return compose["services"]
+
+
+@pytest.mark.parametrize(
+    ("text", "environment", "expected"),
+    [
+        ("${USER:-dev}", {}, "dev"),
+        ("${USER:-dev}", {"USER": ""}, "dev"),
+        ("${USER:-dev}", {"USER": "alice"}, "alice"),
+        ("${USER-dev}", {"USER": ""}, ""),
+        ("${USER}", {}, ""),
+        ("$USER@host", {"USER": "bob"}, "bob@host"),
+        ("$$USER", {"USER": "bob"}, "$USER"),
+        ("a ${X:-1} b ${Y:-2}", {"Y": "3"}, "a 1 b 3"),
+    ],
+)
+def test_interpolate_resolves_compose_syntax(text: str, environment: dict[str, str], expected: str) -> None:
+    assert interpolate(text, environment) == expected
+
+
+def test_services_exist(services: dict[str, Any]) -> None:
+    assert {"redis", "minio", "createbuckets", "worker"} <= set(services)
+
+
+def test_redis_persists_and_never_evicts(services: dict[str, Any]) -> None:
+    words = command_words(services["redis"])
+
+    assert services["redis"]["image"] == "redis:7"
+    assert option_value(words, "--appendonly") == "yes"
+    assert option_value(words, "--maxmemory-policy") == "noeviction"
+    assert "test" in services["redis"]["healthcheck"]
+
+
+def test_worker_redis_url_points_at_redis_service(services: dict[str, Any]) -> None:
+    url = urlsplit(service_environment(services["worker"])["CLIPFLEET_REDIS_URL"])
+    redis_port = int(option_value(command_words(services["redis"]), "--port") or 6379)
+
+    assert url.scheme == "redis"
+    assert url.hostname == "redis"
+    assert url.port == redis_port
+    assert url.path == "/0"
+    assert redis_port in container_ports(services["redis"])
+
+
+def test_worker_s3_endpoint_points_at_minio_api(services: dict[str, Any]) -> None:
+    url = urlsplit(service_environment(services["worker"])["CLIPFLEET_S3_ENDPOINT_URL"])
+    minio_words = command_words(services["minio"])
+
+    assert url.scheme == "http"
+    assert url.hostname == "minio"
+    assert url.port == 9000
+    assert minio_words[:2] == ["server", "/data"]
+    assert option_value(minio_words, "--address") in (None, ":9000")
+    assert option_value(minio_words, "--console-address") == ":9001"
+    assert container_ports(services["minio"]) == {9000, 9001}
+    assert "test" in services["minio"]["healthcheck"]
+
+
+@pytest.mark.parametrize("environment", [{}, OVERRIDDEN_ENVIRONMENT], ids=["defaults", "overridden"])
+def test_worker_credentials_match_minio_root(environment: dict[str, str]) -> None:
+    services = load_compose(environment)["services"]
+    minio = service_environment(services["minio"])
+    worker = service_environment(services["worker"])
+
+    assert worker["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+    assert worker["AWS_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+    assert worker["AWS_DEFAULT_REGION"]
+
+
+def test_default_minio_credentials_are_long_enough(services: dict[str, Any]) -> None:
+    minio = service_environment(services["minio"])
+
+    # MinIO rejects a root user under 3 or a password under 8 characters (accessKeyMinLen and
+    # secretKeyMinLen in MinIO's internal/auth/credentials.go).
+    assert len(minio["MINIO_ROOT_USER"]) >= 3
+    assert len(minio["MINIO_ROOT_PASSWORD"]) >= 8
+
+
+def test_worker_model_defaults_to_product_default(services: dict[str, Any]) -> None:
+    overridden = load_compose(OVERRIDDEN_ENVIRONMENT)["services"]
+
+    assert service_environment(services["worker"])["CLIPFLEET_MODEL"] == DEFAULT_MODEL
+    assert service_environment(overridden["worker"])["CLIPFLEET_MODEL"] == "/models/clip"
+
+
+def test_worker_waits_for_healthy_dependencies(services: dict[str, Any]) -> None:
+    depends_on = services["worker"]["depends_on"]
+
+    assert depends_on["redis"]["condition"] == "service_healthy"
+    assert depends_on["minio"]["condition"] == "service_healthy"
+
+
+def test_worker_caches_models_in_named_volume(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    assert "hf-cache:/root/.cache/huggingface" in services["worker"]["volumes"]
+    assert "hf-cache" in compose["volumes"]
+
+
+def test_worker_image_runs_clipfleet_worker(services: dict[str, Any]) -> None:
+    build = services["worker"]["build"]
+    dockerfile = REPO_ROOT / build["context"] / build["dockerfile"]
+    instructions = dockerfile_instructions(dockerfile)
+    entrypoints = [exec_form(arguments) for keyword, arguments in instructions if keyword == "ENTRYPOINT"]
+
+    assert dockerfile.is_file()
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    assert entrypoints[-1] + command_words(services["worker"]) == ["clipfleet", "worker"]
+
+
+def test_worker_image_installs_cpu_torch_first() -> None:
+    instructions = dockerfile_instructions(REPO_ROOT / "ops" / "worker.Dockerfile")
+    runs = [arguments for keyword, arguments in instructions if keyword == "RUN"]
+    torch_step = next(index for index, command in enumerate(runs) if "torch==" in command)
+    project_install = re.compile(r"pip install \.(\s|$)")
+    project_step = next(index for index, command in enumerate(runs) if project_install.search(command))
+
+    assert torch_step < project_step
+    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_step]
+
+
+def test_createbuckets_makes_valid_buckets(services: dict[str, Any]) -> None:
+    script = "\n".join(command_words(services["createbuckets"]))
+    buckets = re.findall(r"\blocal/([^\s\"']+)", script)
+
+    assert set(buckets) == {"clipfleet-input", "clipfleet-results"}
+    for bucket in buckets:
+        assert parse_s3_uri(f"s3://{bucket}/").bucket == bucket
+
+
+def test_createbuckets_logs_in_to_minio(services: dict[str, Any]) -> None:
+    createbuckets = services["createbuckets"]
+    script = "\n".join(command_words(createbuckets))
+
+    assert service_environment(createbuckets) == service_environment(services["minio"])
+    assert 'mc alias set local http://minio:9000 "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD"' in script
+    assert createbuckets["depends_on"]["minio"]["condition"] == "service_healthy"

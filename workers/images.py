@@ -1,0 +1,279 @@
+"""Decode untrusted image bytes into RGB Pillow images for CLIP preprocessing.
+
+Contract of :func:`decode_image`:
+
+- Pillow parses the bytes only with the plugins in :data:`ALLOWED_FORMATS`.
+- The pixel limit is checked from the header, before any pixel data is decoded.
+- The result is a fully loaded ``PIL.Image.Image`` in mode ``"RGB"``, upright (EXIF orientation
+  applied), and contains the first frame of animated or multi-page files.
+- Every per-image failure raises :class:`ImageError`, whose ``code`` is a key of
+  ``producer.constants.ERROR_CODES``. Pillow exceptions never escape. ``MemoryError`` does,
+  because it signals a worker short of memory rather than a bad image.
+
+The module keeps no state between calls, so concurrent calls from several threads are safe.
+ICC profiles are ignored, so pixels are used as stored, as ``transformers.image_utils.load_image``
+also does.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from producer.constants import ERROR_CODES
+
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+MAX_PIXELS_SETTING = "CLIPFLEET_MAX_IMAGE_PIXELS"
+
+_WHITE = (255, 255, 255, 255)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_PREMULTIPLIED_ALPHA_MODES = ("La", "RGBa")
+
+# ISO base media file brands (the "ftyp" box) of still-image formats the workers reject.
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF", "PDF"),
+    (b"%!PS", "PostScript/EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS (DOS binary header)"),
+    (b"8BPS", "PSD"),
+    (b"SIMPLE  =", "FITS"),
+)
+_UTF8_BOM = b"\xef\xbb\xbf"
+_TEXT_PREFIX_BYTES = 1024
+
+
+class ImageError(Exception):
+    """A failure that belongs to one image, from reading or decoding it, reported in its result row.
+
+    ``code`` is a key of ``producer.constants.ERROR_CODES``, and ``message`` explains the failure.
+    The exception pickles, so it can cross process boundaries.
+
+    Raises:
+        ValueError: ``code`` is not a key of ``ERROR_CODES``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"invalid image error code {code!r}, expected one of {sorted(ERROR_CODES)}")
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode ``data`` into a fully loaded, upright ``"RGB"`` image.
+
+    ``max_pixels`` caps ``width * height`` and is checked from the header before pixels are
+    decoded. Pillow's own decompression-bomb check, which reads the global
+    ``PIL.Image.MAX_IMAGE_PIXELS``, still runs inside ``Image.open``. Its error, raised above
+    twice that global (about 179 million pixels by default), is reported as ``too_many_pixels``
+    whatever ``max_pixels`` is. Its warning, issued above the global itself, is reported the
+    same way where warning filters turn it into an exception, and is only emitted otherwise.
+
+    Raises:
+        ImageError: ``decode_error`` for empty, truncated, corrupt or unrecognised data,
+            ``unsupported_format`` for a recognised format outside :data:`ALLOWED_FORMATS`
+            (SVG/XML, PDF, PostScript/EPS, HEIC/HEIF, AVIF, PSD, FITS), and
+            ``too_many_pixels`` when the image is larger than ``max_pixels``.
+        ValueError: ``max_pixels`` is not a positive integer.
+        MemoryError: the worker ran out of memory.
+    """
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if not data:
+        raise ImageError("decode_error", "the image data is empty (0 bytes)")
+
+    detected_format = detect_unsupported_format(data)
+    if detected_format is not None:
+        raise ImageError(
+            "unsupported_format",
+            f"the data is a {detected_format} file, which the workers do not decode. "
+            f"Convert it to one of {', '.join(ALLOWED_FORMATS)}",
+        )
+
+    try:
+        return _decode_first_frame(data, max_pixels)
+    except (ImageError, MemoryError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(
+            "too_many_pixels",
+            f"Pillow rejected the image as a possible decompression bomb: {e} Pillow's limit is "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}, and the limit from "
+            f"{MAX_PIXELS_SETTING} is {max_pixels}",
+        ) from e
+    except UnidentifiedImageError as e:
+        raise ImageError(
+            "decode_error",
+            f"the data ({len(data)} bytes) is not a readable {', '.join(ALLOWED_FORMATS)} image",
+        ) from e
+    except Exception as e:
+        # Pillow's plugins raise many exception types on malformed input (OSError, SyntaxError,
+        # ValueError, struct.error, EOFError, IndexError, KeyError and others), so the catch is broad.
+        raise ImageError("decode_error", f"failed to decode the image: {type(e).__name__}: {e}") from e
+
+
+def detect_unsupported_format(data: bytes) -> str | None:
+    """Return the name of a known unsupported format that ``data`` starts with, or ``None``.
+
+    Only magic bytes are read, so ``None`` does not mean that the data is a valid image.
+    """
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+
+    text_start = data[:_TEXT_PREFIX_BYTES]
+    if text_start.startswith(_UTF8_BOM):
+        text_start = text_start[len(_UTF8_BOM) :]
+    if text_start.lstrip().lower().startswith((b"<svg", b"<?xml")):
+        return "SVG/XML"
+
+    return _detect_heif_family(data)
+
+
+def _detect_heif_family(data: bytes) -> str | None:
+    # An ISO base media file starts with a box: 4-byte big-endian size, "ftyp", the major brand,
+    # a 4-byte minor version, then 4-byte compatible brands up to the end of the box.
+    if len(data) < 12 or data[4:8] != b"ftyp":
+        return None
+    box_size_bytes = int.from_bytes(data[0:4], "big")
+    brands_end = min(max(box_size_bytes, 16), len(data), 512)
+    brands = {data[8:12]}
+    brands.update(data[offset : offset + 4] for offset in range(16, brands_end - 3, 4))
+    if brands & _AVIF_BRANDS:
+        return "AVIF"
+    if brands & _HEIF_BRANDS:
+        return "HEIC/HEIF"
+    return None
+
+
+def _decode_first_frame(data: bytes, max_pixels: int) -> Image.Image:
+    with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+        _check_pixel_count(image.size, max_pixels)
+        # A freshly opened file is at its first frame (or first TIFF page), and load()
+        # decodes only that frame.
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+        return to_rgb(upright)
+
+
+def _check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError("decode_error", f"the image header declares an empty size {width}x{height}")
+    pixel_count = width * height
+    if pixel_count > max_pixels:
+        raise ImageError(
+            "too_many_pixels",
+            f"the image is {width}x{height} = {pixel_count} pixels, above the limit of {max_pixels}. "
+            f"Raise {MAX_PIXELS_SETTING} to accept larger images",
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a loaded Pillow image of any mode to a new ``"RGB"`` image.
+
+    - Transparency (an alpha channel, a transparent palette entry or a transparent colour key)
+      is composited on a white background, so transparent pixels become white.
+    - 16-bit greyscale (``I;16*``) maps 0..65535 to 0..255 by dividing by 257 and rounding,
+      and pixels equal to a transparent grey key become white.
+    - ``I`` (32-bit signed) is treated as 16-bit when every value lies in 0..65535. Otherwise
+      min..max is stretched linearly to 0..255, and a constant image is clipped to 0..255.
+    - ``F`` (32-bit float): values in 0..1 are multiplied by 255. Otherwise min..max of the
+      finite values is stretched to 0..255, and a constant image is clipped to 0..255. NaN
+      becomes 0, +inf 255 and -inf 0.
+    - Every other mode (``P``, ``L``, ``1``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ...) goes
+      through Pillow's ``convert("RGB")``.
+
+    Raises:
+        ValueError: Pillow has no conversion from the image's mode to RGB.
+    """
+    mode = image.mode
+    if mode in _PREMULTIPLIED_ALPHA_MODES:
+        return _premultiplied_on_white(image)
+    if mode in _SIXTEEN_BIT_MODES:
+        return _grey_to_rgb(_sixteen_bit_on_white(image))
+    if mode == "I":
+        return _grey_to_rgb(_scale_int32(np.asarray(image)))
+    if mode == "F":
+        return _grey_to_rgb(_scale_float(np.asarray(image)))
+    if image.has_transparency_data:
+        return _alpha_on_white(image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def _alpha_on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, _WHITE)
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _premultiplied_on_white(image: Image.Image) -> Image.Image:
+    # With colour c already multiplied by alpha a, "c over white" is c + (255 - a).
+    # Keeping the stored values avoids rounding twice (unpremultiply, then composite).
+    pixels = np.asarray(image).astype(np.int16)
+    colour = pixels[..., :-1]
+    alpha = pixels[..., -1:]
+    composited = np.clip(colour + (255 - alpha), 0, 255).astype(np.uint8)
+    if composited.shape[-1] == 1:
+        return _grey_to_rgb(composited[..., 0])
+    return Image.fromarray(composited)
+
+
+def _sixteen_bit_on_white(image: Image.Image) -> np.ndarray:
+    # A 16-bit PNG marks transparency with one grey value (tRNS chunk), stored in info["transparency"].
+    values = np.asarray(image)
+    grey = _scale_sixteen_bit(values)
+    transparent_value = image.info.get("transparency")
+    if isinstance(transparent_value, int):
+        grey[values == transparent_value] = 255
+    return grey
+
+
+def _scale_sixteen_bit(values: np.ndarray) -> np.ndarray:
+    # (v + 128) // 257 is v / 257 rounded to the nearest integer, so 65535 -> 255 and 32896 -> 128.
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _scale_int32(values: np.ndarray) -> np.ndarray:
+    low = int(values.min())
+    high = int(values.max())
+    if low >= 0 and high <= 65535:
+        return _scale_sixteen_bit(values)
+    return _stretch(values.astype(np.float64), low, high)
+
+
+def _scale_float(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.where(values == np.inf, 255, 0).astype(np.uint8)
+
+    low = float(values[finite].min())
+    high = float(values[finite].max())
+    if low >= 0.0 and high <= 1.0:
+        scaled = np.rint(np.where(finite, values, 0.0) * 255.0).astype(np.uint8)
+    else:
+        scaled = _stretch(np.where(finite, values, low), low, high)
+    scaled[values == np.inf] = 255
+    scaled[values == -np.inf] = 0
+    scaled[np.isnan(values)] = 0
+    return scaled
+
+
+def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high == low:
+        return np.rint(np.clip(values, 0, 255)).astype(np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8)).convert("RGB")
