@@ -100,7 +100,7 @@ class Client:
 
 
 class Job:
-    """A submitted job. Methods read Redis and object storage; the object holds no state of its own."""
+    """A submitted job. Methods read Redis and object storage, so the object keeps no state of its own."""
 
     def __init__(self, client: Client, job_id: str) -> None:
         self.client = client
@@ -115,7 +115,7 @@ class Job:
 
     @property
     def output(self) -> str:
-        """The folder or prefix that holds this job's shards and `_SUCCESS.json`."""
+        """The folder or prefix that contains this job's shards and `_SUCCESS.json`."""
         return job_output(self.spec, self.id)
 
     def status(self) -> JobStatus:

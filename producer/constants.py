@@ -14,7 +14,7 @@ KEY_PREFIX = "clipfleet:"
 JOB_KEY = KEY_PREFIX + "job:{job_id}"  # hash: spec, state, counters, timestamps
 JOB_BATCHES_KEY = KEY_PREFIX + "job:{job_id}:batches"  # set of finished batch numbers
 JOB_ATTEMPTS_KEY = KEY_PREFIX + "job:{job_id}:attempts"  # hash: batch number -> deliveries
-JOB_FINALIZED_KEY = KEY_PREFIX + "job:{job_id}:finalized"  # set once, by whoever writes _SUCCESS.json
+JOB_FINALIZED_KEY = KEY_PREFIX + "job:{job_id}:finalized"  # set once, by the process that writes _SUCCESS.json
 JOBS_INDEX_KEY = KEY_PREFIX + "jobs"  # sorted set: job id scored by creation time
 PROMPT_CACHE_KEY = KEY_PREFIX + "prompts:{digest}"  # label embeddings, see workers.prompts
 

@@ -25,8 +25,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     - `worker_prefetch_multiplier = 1`: a worker reserves one batch at a time, so batches are not stranded
       behind a slow or dead worker.
     - `visibility_timeout`: Redis redelivers an unacknowledged message after this many seconds. It must exceed
-      the longest batch, or a slow batch runs twice; kombu's default of one hour delays recovery of a killed
-      worker's batch by up to an hour.
+      the longest batch, or a slow batch runs twice. kombu's default of one hour would delay the recovery of a
+      killed worker's batch by up to an hour.
     """
     return {
         "broker_url": settings.redis_url,
@@ -71,6 +71,6 @@ class BatchSender:
         waited = False
         while self.queue_length() >= self.high_water:
             if not waited:
-                logger.info("Queue %s holds %d or more tasks; pausing until it drains", self.queue, self.high_water)
+                logger.info("Queue %s contains %d or more tasks; pausing until it drains", self.queue, self.high_water)
                 waited = True
             time.sleep(self.poll_s)

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     fetch_threads: int = Field(16, ge=1, le=256)
     fetch_timeout_s: float = Field(30.0, gt=0)
     max_delivery_attempts: int = Field(5, ge=1)
-    queue_high_water: int = Field(1000, ge=1, description="Producers pause while the queue holds more tasks than this")
+    queue_high_water: int = Field(1000, ge=1, description="Producers pause while the queue contains this many tasks or more")
     log_level: str = "INFO"
     metrics_port: int | None = None
 

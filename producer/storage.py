@@ -1,6 +1,6 @@
 """Reading, writing and listing in S3 or on the local file system, behind one interface.
 
-A `Storage` holds one boto3 client, created on first use so that a worker process creates its own after
+A `Storage` keeps one boto3 client, created on first use so that a worker process creates its own after
 fork. boto3 clients are thread-safe; the connection pool is sized by `max_pool_connections`.
 """
 

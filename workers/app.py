@@ -2,7 +2,7 @@
 
 The model is loaded in each pool process after the fork (`worker_process_init`), never in the parent that
 forks. The parent only checks, at start, that the model's files can be found, so a missing model stops the
-worker at once with a message that says how to provide it.
+worker at once with a message that explains how to provide it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ TEXT_BATCH_SIZE = 256
 
 
 def _pooled(output: Any) -> torch.Tensor:
-    # transformers 5 returns a model output whose pooler_output holds the projected features; 4.x a tensor.
+    # transformers 5 returns a model output whose pooler_output is the projected features, and 4.x returns the tensor itself.
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 

@@ -32,7 +32,7 @@ MODEL_BATCH_SIZE = 32
 
 @dataclass
 class BatchOutcome:
-    """What happened to one delivery of a batch."""
+    """The result of one delivery of a batch."""
 
     job_id: str
     batch: int

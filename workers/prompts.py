@@ -35,7 +35,7 @@ class PromptCache:
         self.misses = 0
 
     def get(self, spec: JobSpec, loaded: LoadedModel) -> torch.Tensor:
-        """Return the job's label embeddings, `[labels, dim]` float32, computing them at most once fleet-wide."""
+        """Return the job's label embeddings, `[labels, dim]` float32, running the text tower only when neither this process nor Redis has them."""
         digest = spec.prompts_digest()
         cached = self._entries.get(digest)
         if cached is not None:
