@@ -11,6 +11,8 @@ import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
+from PIL import Image
+
 from producer.settings import Settings
 from producer.spec import JobSpec
 from producer.state import JobStore
@@ -31,6 +33,8 @@ class WorkerRuntime:
         if not settings.redis_url:
             raise RuntimeError("CLIPFLEET_REDIS_URL is not set: workers need the Redis that producers enqueue into")
         self.settings = settings
+        # Pillow's own decompression-bomb check follows the same limit as decode_image's.
+        Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         # One connection per fetch thread, plus room for shard writes.
         self.storage = Storage(settings.s3_endpoint_url, settings.fetch_threads + 4, settings.fetch_timeout_s)
         self.store = JobStore.from_url(settings.redis_url)
