@@ -109,7 +109,7 @@ def read_labels(args: argparse.Namespace) -> list[str] | dict[str, list[str]]:
         return [label for label in args.labels.split(",")]
     path: Path = args.labels_file
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise InvalidJobSpec(f"--labels-file {str(path)!r} cannot be read: {e.strerror}") from e
     if path.suffix.lower() == ".json":
@@ -158,8 +158,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace, wait: bool = False) -> int:
-    client = Client(Settings())
-    job = client.submit_spec(_spec(client.settings, args))
+    settings = Settings()
+    spec = _spec(settings, args)  # invalid input fails before Redis is contacted
+    client = Client(settings)
+    job = client.submit_spec(spec)
     print(job.id)
     if wait or getattr(args, "wait", False):
         started = time.monotonic()

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from producer.errors import SourceError
+from producer.errors import SourceError, StorageError
 from producer.storage import Storage
 from producer.uris import S3Uri, is_s3_uri, parse_location, parse_s3_uri
 
@@ -64,32 +64,43 @@ def iter_source(
 
 
 def _iter_raw(source: str, storage: Storage) -> Iterator[str]:
-    if is_manifest(source):
-        yield from iter_manifest(source, storage)
-        return
-    location = parse_location(source)
-    if isinstance(location, S3Uri):
-        for key, _size in storage.iter_objects(location):
-            yield str(S3Uri(location.bucket, key))
-        return
-    yield from iter_local_folder(location)
+    try:
+        if is_manifest(source):
+            yield from iter_manifest(source, storage)
+            return
+        location = parse_location(source)
+        if isinstance(location, S3Uri):
+            for key, _size in storage.iter_objects(location):
+                yield str(S3Uri(location.bucket, key))
+            return
+        yield from iter_local_folder(location)
+    except StorageError as e:
+        raise SourceError(f"source {source!r} cannot be read: {e}") from e
 
 
 def iter_local_folder(root: Path) -> Iterator[str]:
-    """Yield the files under `root` in sorted order, as absolute paths.
+    """Yield the files under `root` as absolute paths, in the order S3 would list the same keys.
 
+    Entries are sorted by name, a folder as its name plus `/`, so `a/c.jpg` comes before `a0.jpg` as in S3.
     Symbolic links are not followed: a link that points outside `root` could expose any file on the machine.
     """
     if not root.is_dir():
+        if root.suffix.lower() in MANIFEST_SUFFIXES:
+            raise SourceError(f"source {str(root)!r} does not exist: expected a folder or a manifest (.txt .csv .jsonl)")
         raise SourceError(f"source folder {str(root)!r} does not exist or is not a folder")
-    for folder, subfolders, files in os.walk(root, followlinks=False):
-        subfolders.sort()
-        for name in sorted(files):
-            path = Path(folder, name)
-            if path.is_symlink():
-                logger.warning("Skipping symbolic link %s: links are not followed", path)
-                continue
-            yield str(path)
+    yield from _walk_sorted(root)
+
+
+def _walk_sorted(folder: Path) -> Iterator[str]:
+    with os.scandir(folder) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name)
+    for entry in entries:
+        if entry.is_symlink():
+            logger.warning("Skipping symbolic link %s: links are not followed", entry.path)
+        elif entry.is_dir(follow_symlinks=False):
+            yield from _walk_sorted(Path(entry.path))
+        elif entry.is_file(follow_symlinks=False):
+            yield entry.path
 
 
 def iter_manifest(source: str, storage: Storage) -> Iterator[str]:
@@ -104,18 +115,18 @@ def iter_manifest(source: str, storage: Storage) -> Iterator[str]:
     base = None if is_s3_uri(source) else Path(source).parent
     suffix = source.lower().rsplit(".", 1)[-1]
     readers = {"txt": _manifest_txt, "csv": _manifest_csv, "jsonl": _manifest_jsonl}
-    for line_number, raw in readers[suffix](text):
+    for line_number, raw in readers[suffix](text, source):
         yield _check_manifest_uri(raw, source, line_number, base)
 
 
-def _manifest_txt(text: str) -> Iterator[tuple[int, str]]:
+def _manifest_txt(text: str, manifest: str) -> Iterator[tuple[int, str]]:
     for number, line in enumerate(text.splitlines(), start=1):
         value = line.strip()
         if value and not value.startswith("#"):
             yield number, value
 
 
-def _manifest_csv(text: str) -> Iterator[tuple[int, str]]:
+def _manifest_csv(text: str, manifest: str) -> Iterator[tuple[int, str]]:
     rows = csv.reader(io.StringIO(text))
     header = next(rows, None)
     if header is None:
@@ -132,16 +143,16 @@ def _manifest_csv(text: str) -> Iterator[tuple[int, str]]:
             yield number, row[column].strip()
 
 
-def _manifest_jsonl(text: str) -> Iterator[tuple[int, str]]:
+def _manifest_jsonl(text: str, manifest: str) -> Iterator[tuple[int, str]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SourceError(f"manifest line {number} is not valid JSON: {e}") from e
+            raise SourceError(f"{manifest} line {number} is not valid JSON: {e}") from e
         if not isinstance(record, dict) or not isinstance(record.get("uri"), str):
-            raise SourceError(f"manifest line {number} has no string field 'uri': {line[:100]!r}")
+            raise SourceError(f"{manifest} line {number} has no string field 'uri': {line[:100]!r}")
         yield number, record["uri"]
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from producer.constants import DEFAULT_IMAGE_EXTENSIONS, DEFAULT_MODEL, DEFAULT_TEMPLATES
 from producer.errors import InvalidJobSpec
@@ -83,12 +83,6 @@ class JobSpec(BaseModel):
             raise ValueError("extensions must not be empty")
         return sorted(set(cleaned))
 
-    @model_validator(mode="after")
-    def _check_locations_differ(self) -> "JobSpec":
-        if self.source == self.output:
-            raise ValueError(f"output {self.output!r} must differ from the source")
-        return self
-
     @property
     def label_names(self) -> list[str]:
         return list(self.labels)
@@ -110,7 +104,8 @@ class JobSpec(BaseModel):
 
     def prompts_digest(self) -> str:
         """Return a hex digest that changes with the model, its revision and any prompt."""
-        payload = json.dumps([self.model, self.model_revision, self.prompts], sort_keys=True, ensure_ascii=False)
+        # Label order matters: cached embeddings are rows in label order.
+        payload = json.dumps([self.model, self.model_revision, list(self.prompts.items())], ensure_ascii=False)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def buckets(self) -> set[str]:
@@ -157,9 +152,12 @@ def build_spec(**fields: Any) -> JobSpec:
     Raises InvalidJobSpec whose message names each invalid field, its value and the fix.
     """
     try:
-        return JobSpec(**fields)
+        spec = JobSpec(**fields)
     except ValidationError as e:
         raise InvalidJobSpec(_describe(e)) from e
+    if spec.source == spec.output:
+        raise InvalidJobSpec(f"invalid job spec:\n  output: {spec.output!r} must differ from the source")
+    return spec
 
 
 def _describe(error: ValidationError) -> str:

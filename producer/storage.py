@@ -64,7 +64,7 @@ class Storage:
                 self.client.put_object(Bucket=target.bucket, Key=target.key, Body=data, ContentType=content_type)
             else:
                 _write_atomically(target, data)
-        except (OSError, self._client_errors()) as e:
+        except (OSError, *self._client_errors()) as e:
             raise StorageError(f"writing {location!r} failed: {e}") from e
 
     def get_bytes(self, location: str) -> bytes:
@@ -74,7 +74,7 @@ class Storage:
             if isinstance(target, S3Uri):
                 return self.client.get_object(Bucket=target.bucket, Key=target.key)["Body"].read()
             return target.read_bytes()
-        except (OSError, self._client_errors()) as e:
+        except (OSError, *self._client_errors()) as e:
             raise StorageError(f"reading {location!r} failed: {e}") from e
 
     def exists(self, location: str) -> bool:

@@ -1,0 +1,385 @@
+"""Tests for producer.sources: S3 prefixes on moto's S3 server, manifests and local folders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+from botocore.client import BaseClient
+
+from producer.constants import DEFAULT_IMAGE_EXTENSIONS
+from producer.errors import SourceError
+from producer.sources import ListingStats, iter_source
+from producer.storage import Storage
+from producer.uris import parse_s3_uri
+
+MANY_KEYS = 2_500
+UPLOAD_THREADS = 16
+S3_LIST_PAGE_KEYS = 1_000  # ListObjectsV2 returns at most this many keys per page
+
+# Keys that an encoding or normalisation step would change: URL escapes, `+`, spaces, composed and
+# decomposed accents, CJK and an emoji outside the Basic Multilingual Plane.
+ODD_KEYS = {
+    "space": "odd/a b.jpg",
+    "plus": "odd/a+b.jpg",
+    "percent": "odd/100%.jpg",
+    "escaped-plus": "odd/a%2Bb.jpg",
+    "escaped-space": "odd/a%20b.jpg",
+    "accent-composed": "odd/caf\u00e9.jpg",
+    "accent-decomposed": "odd/cafe\u0301.jpg",
+    "cjk": "odd/\u732b.jpg",
+    "emoji": "odd/\U0001f431 cat.jpg",
+}
+
+
+def list_uris(source: str, storage: Storage, extensions=DEFAULT_IMAGE_EXTENSIONS, stats: ListingStats | None = None) -> list[str]:
+    return list(iter_source(source, storage, extensions, stats))
+
+
+def put_objects(s3_client: BaseClient, bucket: str, objects: dict[str, bytes]) -> None:
+    def put(item: tuple[str, bytes]) -> None:
+        s3_client.put_object(Bucket=bucket, Key=item[0], Body=item[1])
+
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        list(pool.map(put, objects.items()))
+
+
+@pytest.fixture(scope="module")
+def storage(s3_server) -> Storage:
+    return Storage(endpoint_url=s3_server.endpoint_url)
+
+
+@pytest.fixture(scope="module")
+def many_keys_bucket(s3_client: BaseClient) -> tuple[str, list[str]]:
+    """A bucket holding MANY_KEYS image keys under `many/`, uploaded once for the module."""
+    bucket = f"many-keys-{uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=bucket)
+    keys = [f"many/img-{index:05d}.jpg" for index in range(MANY_KEYS)]
+    # moto's server logs every request at INFO. Capturing those 2,500 records made this upload take
+    # about 12 s in place of 10 s on a 2-core machine.
+    request_log = logging.getLogger("werkzeug")
+    level = request_log.level
+    request_log.setLevel(logging.WARNING)
+    try:
+        put_objects(s3_client, bucket, {key: b"x" for key in keys})
+    finally:
+        request_log.setLevel(level)
+    return bucket, keys
+
+
+@pytest.fixture(scope="module")
+def odd_keys_bucket(s3_client: BaseClient) -> str:
+    """A bucket holding ODD_KEYS, each with a body that contains the key's own UTF-8 bytes."""
+    bucket = f"odd-keys-{uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=bucket)
+    put_objects(s3_client, bucket, {key: body_of(key) for key in ODD_KEYS.values()})
+    return bucket
+
+
+def body_of(key: str) -> bytes:
+    return b"\x00\xff" + key.encode("utf-8")
+
+
+# --- S3 prefixes ----------------------------------------------------------------------------------
+
+
+def test_many_keys_span_several_pages(s3_client: BaseClient, many_keys_bucket: tuple[str, list[str]]) -> None:
+    bucket, _ = many_keys_bucket
+
+    first_page = s3_client.list_objects_v2(Bucket=bucket, Prefix="many/")
+
+    assert first_page["IsTruncated"] is True
+    assert first_page["KeyCount"] == S3_LIST_PAGE_KEYS
+
+
+def test_prefix_listed_completely_in_order(storage: Storage, many_keys_bucket: tuple[str, list[str]]) -> None:
+    bucket, keys = many_keys_bucket
+
+    uris = list_uris(f"s3://{bucket}/many/", storage)
+
+    assert uris == [f"s3://{bucket}/{key}" for key in sorted(keys)]
+
+
+def test_prefix_listing_counts_listed(storage: Storage, many_keys_bucket: tuple[str, list[str]]) -> None:
+    bucket, _ = many_keys_bucket
+    stats = ListingStats()
+
+    list_uris(f"s3://{bucket}/many/", storage, stats=stats)
+
+    assert stats.listed == MANY_KEYS
+
+
+def test_prefix_without_slash_matches_key_start(storage: Storage, many_keys_bucket: tuple[str, list[str]]) -> None:
+    bucket, _ = many_keys_bucket
+
+    uris = list_uris(f"s3://{bucket}/many/img-0249", storage)
+
+    assert uris == [f"s3://{bucket}/many/img-0249{digit}.jpg" for digit in range(10)]
+
+
+@pytest.fixture
+def mixed_bucket(s3_client: BaseClient, make_bucket: Callable[[], str]) -> str:
+    bucket = make_bucket()
+    put_objects(
+        s3_client,
+        bucket,
+        {
+            "photos/a.jpg": b"a",
+            "photos/notes.txt": b"n",
+            "photos/sub/": b"",
+            "photos/sub/b.png": b"b",
+            "photos/A.JPG": b"A",
+            "photos/c.Png": b"c",
+            "photos/d.jpg.bak": b"d",
+            "photos/raw/e.heic": b"e",
+        },
+    )
+    return bucket
+
+
+def test_folder_marker_not_yielded(storage: Storage, mixed_bucket: str) -> None:
+    uris = list_uris(f"s3://{mixed_bucket}/photos/", storage)
+
+    assert f"s3://{mixed_bucket}/photos/sub/" not in uris
+
+
+def test_non_images_counted_as_skipped(storage: Storage, mixed_bucket: str) -> None:
+    stats = ListingStats()
+
+    list_uris(f"s3://{mixed_bucket}/photos/", storage, stats=stats)
+
+    assert stats.skipped == 3  # notes.txt, d.jpg.bak and raw/e.heic, but not the folder marker
+
+
+def test_skipped_examples_name_keys(storage: Storage, mixed_bucket: str) -> None:
+    stats = ListingStats()
+
+    list_uris(f"s3://{mixed_bucket}/photos/", storage, stats=stats)
+
+    assert stats.skipped_examples == [
+        f"s3://{mixed_bucket}/photos/d.jpg.bak",
+        f"s3://{mixed_bucket}/photos/notes.txt",
+        f"s3://{mixed_bucket}/photos/raw/e.heic",
+    ]
+
+
+def test_extensions_match_any_case(storage: Storage, mixed_bucket: str) -> None:
+    uris = list_uris(f"s3://{mixed_bucket}/photos/", storage)
+
+    assert uris == [
+        f"s3://{mixed_bucket}/photos/A.JPG",
+        f"s3://{mixed_bucket}/photos/a.jpg",
+        f"s3://{mixed_bucket}/photos/c.Png",
+        f"s3://{mixed_bucket}/photos/sub/b.png",
+    ]
+
+
+def test_custom_extensions(storage: Storage, mixed_bucket: str) -> None:
+    uris = list_uris(f"s3://{mixed_bucket}/photos/", storage, extensions=[".HEIC", ".txt"])
+
+    assert uris == [f"s3://{mixed_bucket}/photos/notes.txt", f"s3://{mixed_bucket}/photos/raw/e.heic"]
+
+
+def test_missing_bucket_raises_source_error(storage: Storage) -> None:
+    with pytest.raises(SourceError, match="no-such-bucket-here"):
+        list_uris("s3://no-such-bucket-here/photos/", storage)
+
+
+# --- keys that must stay byte-exact ---------------------------------------------------------------
+
+
+def test_odd_keys_listed_exactly(storage: Storage, odd_keys_bucket: str) -> None:
+    uris = list_uris(f"s3://{odd_keys_bucket}/odd/", storage)
+
+    assert uris == sorted(f"s3://{odd_keys_bucket}/{key}" for key in ODD_KEYS.values())
+
+
+@pytest.mark.parametrize("key", list(ODD_KEYS.values()), ids=list(ODD_KEYS))
+def test_odd_key_uri_is_exact(storage: Storage, odd_keys_bucket: str, key: str) -> None:
+    uris = list_uris(f"s3://{odd_keys_bucket}/odd/", storage)
+
+    assert f"s3://{odd_keys_bucket}/{key}" in uris
+
+
+@pytest.mark.parametrize("key", list(ODD_KEYS.values()), ids=list(ODD_KEYS))
+def test_odd_key_reads_back_uploaded_bytes(
+    storage: Storage, s3_client: BaseClient, odd_keys_bucket: str, key: str
+) -> None:
+    uri = f"s3://{odd_keys_bucket}/{key}"
+    assert uri in list_uris(f"s3://{odd_keys_bucket}/odd/", storage)
+    parsed = parse_s3_uri(uri)
+
+    body = s3_client.get_object(Bucket=parsed.bucket, Key=parsed.key)["Body"].read()
+
+    assert body == body_of(key)
+
+
+# --- manifests ------------------------------------------------------------------------------------
+
+TXT_MANIFEST = "# images to classify\n\ns3://photos/a.jpg\n   \n  s3://photos/b c.jpg  \n# done\n  # indented comment\n"
+TXT_EXPECTED = ["s3://photos/a.jpg", "s3://photos/b c.jpg"]
+
+CSV_WITH_HEADER = "id,uri,label\n1,s3://photos/a.jpg,cat\n2,s3://photos/b c.jpg,dog\n\n3,,none\n"
+CSV_WITHOUT_HEADER = "s3://photos/a.jpg,cat\ns3://photos/b c.jpg,dog\n"
+CSV_EXPECTED = ["s3://photos/a.jpg", "s3://photos/b c.jpg"]
+
+JSONL_MANIFEST = '{"uri": "s3://photos/a.jpg", "id": 1}\n\n{"uri": "s3://photos/b c.jpg"}\n'
+JSONL_EXPECTED = ["s3://photos/a.jpg", "s3://photos/b c.jpg"]
+
+MANIFEST_CASES = [
+    pytest.param("list.txt", TXT_MANIFEST, TXT_EXPECTED, id="txt"),
+    pytest.param("list.csv", CSV_WITH_HEADER, CSV_EXPECTED, id="csv-header"),
+    pytest.param("list.csv", CSV_WITHOUT_HEADER, CSV_EXPECTED, id="csv-no-header"),
+    pytest.param("list.csv", "\ufeffURI\ns3://photos/a.jpg\n", ["s3://photos/a.jpg"], id="csv-bom-upper-case-header"),
+    pytest.param("list.jsonl", JSONL_MANIFEST, JSONL_EXPECTED, id="jsonl"),
+    pytest.param("LIST.TXT", "s3://photos/a.jpg\n", ["s3://photos/a.jpg"], id="upper-case-suffix"),
+]
+
+
+@pytest.fixture(params=["local", "s3"])
+def place_manifest(
+    request: pytest.FixtureRequest, tmp_path: Path, s3_client: BaseClient, make_bucket: Callable[[], str]
+) -> Callable[[str, str], str]:
+    """A function that stores a manifest's text as a local file or an S3 object and returns its location."""
+
+    def place(name: str, text: str) -> str:
+        if request.param == "local":
+            path = tmp_path / name
+            path.write_text(text, encoding="utf-8")
+            return str(path)
+        bucket = make_bucket()
+        s3_client.put_object(Bucket=bucket, Key=f"manifests/{name}", Body=text.encode("utf-8"))
+        return f"s3://{bucket}/manifests/{name}"
+
+    return place
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), MANIFEST_CASES)
+def test_manifest_lists_uris(
+    place_manifest: Callable[[str, str], str], storage: Storage, name: str, text: str, expected: list[str]
+) -> None:
+    source = place_manifest(name, text)
+
+    assert list_uris(source, storage) == expected
+
+
+def test_manifest_entries_filtered_by_extension(place_manifest: Callable[[str, str], str], storage: Storage) -> None:
+    source = place_manifest("list.txt", "s3://photos/a.jpg\ns3://photos/readme.md\n")
+    stats = ListingStats()
+
+    uris = list_uris(source, storage, stats=stats)
+
+    assert uris == ["s3://photos/a.jpg"]
+    assert stats.skipped == 1
+
+
+def test_jsonl_invalid_line_names_line(place_manifest: Callable[[str, str], str], storage: Storage) -> None:
+    source = place_manifest("list.jsonl", '{"uri": "s3://photos/a.jpg"}\n{"uri": s3://photos/b.jpg}\n')
+
+    with pytest.raises(SourceError, match="line 2 is not valid JSON"):
+        list_uris(source, storage)
+
+
+def test_jsonl_line_without_uri_names_line(place_manifest: Callable[[str, str], str], storage: Storage) -> None:
+    source = place_manifest("list.jsonl", '{"uri": "s3://photos/a.jpg"}\n{"path": "s3://photos/b.jpg"}\n')
+
+    with pytest.raises(SourceError, match="line 2 has no string field 'uri'"):
+        list_uris(source, storage)
+
+
+def test_manifest_invalid_bucket_names_line(place_manifest: Callable[[str, str], str], storage: Storage) -> None:
+    source = place_manifest("list.txt", "s3://photos/a.jpg\n\ns3://Bad_Bucket/b.jpg\n")
+
+    with pytest.raises(SourceError, match="line 3: invalid bucket name 'Bad_Bucket'"):
+        list_uris(source, storage)
+
+
+def test_manifest_other_scheme_rejected(place_manifest: Callable[[str, str], str], storage: Storage) -> None:
+    source = place_manifest("list.txt", "http://example.com/a.jpg\n")
+
+    with pytest.raises(SourceError, match="line 1"):
+        list_uris(source, storage)
+
+
+def test_missing_s3_manifest_raises_source_error(storage: Storage, make_bucket: Callable[[], str]) -> None:
+    source = f"s3://{make_bucket()}/manifests/missing.txt"
+
+    with pytest.raises(SourceError, match="manifests/missing.txt"):
+        list_uris(source, storage)
+
+
+def test_s3_manifest_rejects_local_entry(s3_client: BaseClient, make_bucket: Callable[[], str], storage: Storage) -> None:
+    bucket = make_bucket()
+    s3_client.put_object(Bucket=bucket, Key="list.txt", Body=b"s3://photos/a.jpg\n/etc/passwd.jpg\n")
+
+    with pytest.raises(SourceError, match=r"line 2: '/etc/passwd.jpg' is not an s3:// URI"):
+        list_uris(f"s3://{bucket}/list.txt", storage)
+
+
+def test_local_manifest_resolves_relative_paths(tmp_path: Path, storage: Storage) -> None:
+    manifest = tmp_path / "lists" / "list.txt"
+    manifest.parent.mkdir()
+    manifest.write_text("a.jpg\nsub/b.png\n/data/c.jpg\n", encoding="utf-8")
+
+    uris = list_uris(str(manifest), storage)
+
+    assert uris == [str(tmp_path / "lists" / "a.jpg"), str(tmp_path / "lists" / "sub" / "b.png"), "/data/c.jpg"]
+
+
+# --- local folders --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_tree(tmp_path: Path) -> Path:
+    """A folder with nested images, a non-image, and symbolic links to a file and a folder outside it."""
+    outside = tmp_path / "outside"
+    (outside / "private").mkdir(parents=True)
+    (outside / "secret.jpg").write_bytes(b"s")
+    (outside / "private" / "hidden.jpg").write_bytes(b"h")
+
+    root = tmp_path / "photos"
+    (root / "a" / "d").mkdir(parents=True)
+    for relative in ("b.jpg", "a/c.jpg", "a/d/e.png", "a.jpg", "notes.txt"):
+        (root / relative).write_bytes(b"x")
+    os.symlink(outside / "secret.jpg", root / "link.jpg")
+    os.symlink(outside / "private", root / "linked-folder")
+    return root
+
+
+def test_local_folder_recursive_sorted(local_tree: Path, storage: Storage) -> None:
+    uris = list_uris(str(local_tree), storage)
+
+    # The same order S3 gives the same keys: "a.jpg" < "a/c.jpg" < "a/d/e.png" < "b.jpg".
+    assert uris == [str(local_tree / name) for name in ("a.jpg", "a/c.jpg", "a/d/e.png", "b.jpg")]
+
+
+def test_local_folder_skips_file_symlink(local_tree: Path, storage: Storage) -> None:
+    uris = list_uris(str(local_tree), storage)
+
+    assert str(local_tree / "link.jpg") not in uris
+
+
+def test_local_folder_skips_folder_symlink(local_tree: Path, storage: Storage) -> None:
+    uris = list_uris(str(local_tree), storage)
+
+    assert str(local_tree / "linked-folder" / "hidden.jpg") not in uris
+
+
+def test_local_folder_counts_non_images(local_tree: Path, storage: Storage) -> None:
+    stats = ListingStats()
+
+    list_uris(str(local_tree), storage, stats=stats)
+
+    assert stats.skipped_examples == [str(local_tree / "notes.txt")]
+
+
+def test_missing_local_folder_raises(tmp_path: Path, storage: Storage) -> None:
+    missing = tmp_path / "no-such-folder"
+
+    with pytest.raises(SourceError, match="no-such-folder"):
+        list_uris(str(missing), storage)

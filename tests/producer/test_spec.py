@@ -1,0 +1,223 @@
+"""Tests for producer.spec: validation of job specs, label and prompt expansion, the prompts digest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producer.errors import InvalidJobSpec
+from producer.spec import JobSpec, build_spec
+
+SOURCE = "s3://photos/2026/"
+OUTPUT = "s3://results/"
+
+
+def spec_fields(**overrides: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {"source": SOURCE, "labels": ["cat", "dog"], "output": OUTPUT}
+    fields.update(overrides)
+    return fields
+
+
+def rejection_message(**overrides: Any) -> str:
+    with pytest.raises(InvalidJobSpec) as caught:
+        build_spec(**spec_fields(**overrides))
+    return str(caught.value)
+
+
+# Each case: the field set to a bad value, that value, and a text the message must quote.
+INVALID_FIELDS = [
+    pytest.param("labels", [], "[]", id="labels-empty"),
+    pytest.param("labels", ["cat", " cat"], "' cat'", id="labels-duplicate-after-strip"),
+    pytest.param("labels", ["cat", "   "], "'   '", id="labels-whitespace-only"),
+    pytest.param("labels", "cat,dog", "'cat,dog'", id="labels-plain-string"),
+    pytest.param("labels", ["cat", 7], "7", id="labels-not-a-string"),
+    pytest.param("labels", {"cat": []}, "[]", id="labels-mapping-empty-prompts"),
+    pytest.param("labels", {"cat": "a photo of a cat"}, "'a photo of a cat'", id="labels-mapping-string-prompts"),
+    pytest.param("templates", ["a photo"], "'a photo'", id="template-without-placeholder"),
+    pytest.param("templates", ["a {} and a {}"], "'a {} and a {}'", id="template-two-placeholders"),
+    pytest.param("templates", [], "[]", id="templates-empty"),
+    pytest.param("source", "http://x", "'http://x'", id="source-http"),
+    pytest.param("source", "file:///x", "'file:///x'", id="source-file-uri"),
+    pytest.param("source", "s3://ab/x", "'ab'", id="source-bucket-too-short"),
+    pytest.param("source", "s3://Bad_Bucket/x", "'Bad_Bucket'", id="source-bucket-invalid-characters"),
+    pytest.param("source", "", "''", id="source-empty"),
+    pytest.param("output", "http://x", "'http://x'", id="output-http"),
+    pytest.param("output", "s3://ab/x", "'ab'", id="output-bucket-too-short"),
+    pytest.param("batch_size", 0, "0", id="batch-size-zero"),
+    pytest.param("batch_size", 5000, "5000", id="batch-size-above-maximum"),
+    pytest.param("top_k", 0, "0", id="top-k-zero"),
+    pytest.param("extensions", ["jpg"], "'jpg'", id="extension-without-dot"),
+    pytest.param("extensions", ["."], "'.'", id="extension-dot-only"),
+    pytest.param("extensions", [], "[]", id="extensions-empty"),
+    pytest.param("model", "  ", "'  '", id="model-blank"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "quoted"), INVALID_FIELDS)
+def test_invalid_field_message_names_field(field: str, value: Any, quoted: str) -> None:
+    message = rejection_message(**{field: value})
+
+    assert f"{field}:" in message
+
+
+@pytest.mark.parametrize(("field", "value", "quoted"), INVALID_FIELDS)
+def test_invalid_field_message_quotes_value(field: str, value: Any, quoted: str) -> None:
+    message = rejection_message(**{field: value})
+
+    assert quoted in message
+
+
+def test_invalid_spec_is_value_error() -> None:
+    with pytest.raises(ValueError):
+        build_spec(**spec_fields(labels=[]))
+
+
+def test_several_invalid_fields_all_named() -> None:
+    message = rejection_message(batch_size=0, top_k=0)
+
+    assert "batch_size:" in message
+    assert "top_k:" in message
+
+
+def test_unknown_field_rejected() -> None:
+    message = rejection_message(label=["cat"])
+
+    assert "label:" in message
+
+
+def test_labels_are_stripped() -> None:
+    spec = build_spec(**spec_fields(labels=["  cat", "dog  ", " red car "]))
+
+    assert spec.labels == ["cat", "dog", "red car"]
+
+
+def test_mapping_labels_stripped() -> None:
+    spec = build_spec(**spec_fields(labels={" cat ": [" a photo of a cat ", "a kitten"]}))
+
+    assert spec.labels == {"cat": ["a photo of a cat", "a kitten"]}
+
+
+def test_valid_s3_source_kept_unchanged() -> None:
+    spec = build_spec(**spec_fields(source="s3://photos/2026/"))
+
+    assert spec.source == "s3://photos/2026/"
+
+
+def test_local_source_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    spec = build_spec(**spec_fields(source="photos/2026"))
+
+    assert spec.source == str(tmp_path / "photos" / "2026")
+
+
+def test_local_output_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    spec = build_spec(**spec_fields(output="results"))
+
+    assert spec.output == str(tmp_path / "results")
+
+
+def test_source_equal_to_output_rejected() -> None:
+    message = rejection_message(source="s3://photos/2026/", output="s3://photos/2026/")
+
+    assert "'s3://photos/2026/' must differ from the source" in message
+
+
+def test_relative_and_absolute_same_folder_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    message = rejection_message(source="photos", output=str(tmp_path / "photos"))
+
+    assert "must differ from the source" in message
+
+
+def test_mapping_labels_give_own_prompts() -> None:
+    spec = build_spec(**spec_fields(labels={"cat": ["a photo of a cat", "a kitten"]}))
+
+    assert spec.prompts == {"cat": ["a photo of a cat", "a kitten"]}
+
+
+def test_mapping_labels_ignore_templates() -> None:
+    spec = build_spec(**spec_fields(labels={"cat": ["a kitten"]}, templates=["a drawing of a {}."]))
+
+    assert spec.prompts == {"cat": ["a kitten"]}
+
+
+def test_list_labels_expand_every_template() -> None:
+    spec = build_spec(**spec_fields(labels=["cat", "dog"], templates=["a photo of a {}.", "a drawing of a {}."]))
+
+    assert spec.prompts == {
+        "cat": ["a photo of a cat.", "a drawing of a cat."],
+        "dog": ["a photo of a dog.", "a drawing of a dog."],
+    }
+
+
+def test_default_template_applied() -> None:
+    spec = build_spec(**spec_fields(labels=["cat"]))
+
+    assert spec.prompts == {"cat": ["a photo of a cat."]}
+
+
+def test_label_names_keep_order() -> None:
+    spec = build_spec(**spec_fields(labels={"zebra": ["a zebra"], "ant": ["an ant"]}))
+
+    assert spec.label_names == ["zebra", "ant"]
+
+
+def test_extensions_lower_cased_and_sorted() -> None:
+    spec = build_spec(**spec_fields(extensions=[".PNG", " .Jpg ", ".png"]))
+
+    assert spec.extensions == [".jpg", ".png"]
+
+
+def digest(**overrides: Any) -> str:
+    return build_spec(**spec_fields(**overrides)).prompts_digest()
+
+
+def test_prompts_digest_stable() -> None:
+    assert digest() == digest()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"templates": ["a drawing of a {}."]}, id="template"),
+        pytest.param({"labels": ["cat", "wolf"]}, id="label"),
+        pytest.param({"labels": ["dog", "cat"]}, id="label-order"),
+        pytest.param({"model": "openai/clip-vit-large-patch14"}, id="model"),
+        pytest.param({"model_revision": "refs/pr/1"}, id="model-revision"),
+        pytest.param({"labels": {"cat": ["a photo of a cat."], "dog": ["a photo of a dog"]}}, id="one-prompt"),
+    ],
+)
+def test_prompts_digest_changes(overrides: dict[str, Any]) -> None:
+    assert digest(**overrides) != digest()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"batch_size": 8}, id="batch-size"),
+        pytest.param({"top_k": 1}, id="top-k"),
+        pytest.param({"source": "s3://other-photos/"}, id="source"),
+        pytest.param({"output": "s3://other-results/"}, id="output"),
+        pytest.param({"labels": [" cat", "dog "]}, id="label-spaces"),
+    ],
+)
+def test_prompts_digest_ignores_non_prompt_fields(overrides: dict[str, Any]) -> None:
+    assert digest(**overrides) == digest()
+
+
+def test_spec_json_round_trip() -> None:
+    spec = build_spec(**spec_fields(labels={"cat": ["a kitten"]}, extensions=[".JPG"]))
+
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_buckets_of_source_and_output() -> None:
+    spec = build_spec(**spec_fields(source="s3://photos/2026/", output="s3://results/run/"))
+
+    assert spec.buckets() == {"photos", "results"}
