@@ -89,13 +89,16 @@ class Client:
     def _enqueue(self, job_id: str, spec: JobSpec, uris: Iterator[str]) -> int:
         sender = BatchSender(self._celery, self.settings.queue, self.settings.queue_high_water)
         batch = 0
-        while chunk := list(itertools.islice(uris, spec.batch_size)):
-            if self.store.state(job_id) == STATE_CANCELLED:
-                logger.info("Job %s was cancelled; enqueueing stopped after %d batches", job_id, batch)
-                break
-            sender.send(BatchMessage(job_id=job_id, batch=batch, uris=chunk))
-            self.store.add_listed(job_id, len(chunk))
-            batch += 1
+        try:
+            while chunk := list(itertools.islice(uris, spec.batch_size)):
+                if self.store.state(job_id) == STATE_CANCELLED:
+                    logger.info("Job %s was cancelled; enqueueing stopped after %d batches", job_id, batch)
+                    break
+                sender.send(BatchMessage(job_id=job_id, batch=batch, uris=chunk))
+                self.store.add_listed(job_id, len(chunk))
+                batch += 1
+        finally:
+            sender.close()
         return batch
 
 

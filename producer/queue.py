@@ -57,15 +57,22 @@ class BatchSender:
         self.queue = queue
         self.high_water = high_water
         self.poll_s = poll_s
+        self._connection: Any = None
 
     def send(self, message: BatchMessage) -> None:
         self._wait_for_room()
         self.app.send_task(TASK_CLASSIFY_BATCH, args=[message.model_dump(mode="json")], queue=self.queue)
 
     def queue_length(self) -> int:
-        with self.app.connection_for_write() as connection:
-            client = connection.default_channel.client
-            return int(client.llen(self.queue))
+        """Return the number of tasks waiting in the queue (the length of its Redis list)."""
+        if self._connection is None:
+            self._connection = self.app.connection_for_write()
+        return int(self._connection.default_channel.client.llen(self.queue))
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.release()
+            self._connection = None
 
     def _wait_for_room(self) -> None:
         waited = False

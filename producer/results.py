@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from producer.constants import SHARD_NAME, SUCCESS_MARKER
+from producer.constants import SHARD_NAME, STATE_CANCELLED, SUCCESS_MARKER
 from producer.spec import JobSpec
 from producer.state import JobStore
 from producer.storage import Storage, join_location
@@ -52,8 +52,11 @@ def finalize_job(store: JobStore, storage: Storage, job_id: str) -> bool:
     """Write `_SUCCESS.json` and mark the job succeeded, once per job.
 
     Call it when `JobStore.record_batch` or `JobStore.finish_listing` reports that the job completed.
-    Returns False when another process already finalized it.
+    Returns False when another process already finalized it, or the job was cancelled.
     """
+    if store.state(job_id) == STATE_CANCELLED:
+        logger.info("Job %s was cancelled; no success marker is written", job_id)
+        return False
     if not store.claim_finalization(job_id):
         return False
     finished_at = time.time()
