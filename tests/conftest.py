@@ -18,14 +18,6 @@ from botocore.client import BaseClient
 from tests.support.checkpoints import build_tiny_clip
 from tests.support.servers import RedisServer, S3Server
 
-# Set while conftest is imported, before test modules are collected, because huggingface_hub
-# reads HF_HUB_OFFLINE once, when it is first imported.
-OFFLINE_ENVIRONMENT = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-os.environ.update(OFFLINE_ENVIRONMENT)
 
 # moto accepts any credentials. Disabling the EC2 metadata lookup keeps botocore from probing
 # the instance metadata address when a credential is missing.

@@ -51,7 +51,7 @@ def process_batch(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome
     # A failed listing still lets its enqueued batches run; a cancelled or finished job drops them.
     if state in (STATE_CANCELLED, STATE_SUCCEEDED):
         logger.info("Job %s batch %d dropped: job is %s", job_id, batch, state)
-        return BatchOutcome(job_id, batch, 0, f"skipped_{state}")
+        return BatchOutcome(job_id, batch, 0, "skipped_cancelled" if state == STATE_CANCELLED else "skipped_done")
     if runtime.store.is_batch_done(job_id, batch):
         logger.info("Job %s batch %d already counted; delivery ignored", job_id, batch)
         return BatchOutcome(job_id, batch, 0, "skipped_done")

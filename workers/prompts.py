@@ -41,7 +41,7 @@ class PromptCache:
         if cached is not None:
             self._entries.move_to_end(digest)
             return cached
-        embeddings = self._read_redis(digest)
+        embeddings = self._read_redis(digest, len(spec.prompts))
         if embeddings is None:
             self.misses += 1
             embeddings = label_embeddings(loaded, spec.prompts)
@@ -58,7 +58,7 @@ class PromptCache:
         while len(self._entries) > PROCESS_ENTRIES:
             self._entries.popitem(last=False)
 
-    def _read_redis(self, digest: str) -> torch.Tensor | None:
+    def _read_redis(self, digest: str, expected_rows: int) -> torch.Tensor | None:
         raw = self.redis.hgetall(PROMPT_CACHE_KEY.format(digest=digest))
         if not raw:
             return None
@@ -67,7 +67,7 @@ class PromptCache:
             logger.warning("Prompt cache entry %s failed its checksum; recomputing it", digest[:12])
             return None
         rows, dim = (int(part) for part in raw[b"shape"].decode().split(","))
-        if len(data) != rows * dim * 4:
+        if rows != expected_rows or len(data) != rows * dim * 4:
             logger.warning("Prompt cache entry %s does not match its shape %dx%d; recomputing it", digest[:12], rows, dim)
             return None
         return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(rows, dim).copy())

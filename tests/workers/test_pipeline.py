@@ -1,0 +1,233 @@
+"""`process_batch` in process, without Celery: a real Redis, moto's S3 server and the tiny CLIP checkpoint."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.client import BaseClient
+
+from producer.constants import SHARD_NAME, SUCCESS_MARKER
+from producer.messages import BatchMessage
+from producer.settings import Settings
+from producer.spec import JobSpec, build_spec
+from tests.support.servers import S3Server
+from workers.pipeline import BatchOutcome, process_batch
+from workers.runtime import WorkerRuntime
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+LABELS = ["cat", "rocket", "coffee cup", "astronaut"]
+TOP_K = 3
+CORRUPT_JPEG = b"\xff\xd8\xff\xe0 this is not a JPEG"
+JOB_ID = "job-under-test"
+
+
+@pytest.fixture
+def runtime(redis_url: str, s3_server: S3Server, tiny_clip_dir: Path) -> Iterator[WorkerRuntime]:
+    settings = Settings(
+        redis_url=redis_url,
+        s3_endpoint_url=s3_server.endpoint_url,
+        model=str(tiny_clip_dir),
+        fetch_threads=4,
+        device="cpu",
+        dtype="float32",
+    )
+    worker_runtime = WorkerRuntime(settings)
+    yield worker_runtime
+    worker_runtime.pool.shutdown()
+    worker_runtime.store.redis.close()
+
+
+@pytest.fixture
+def s3_job(runtime: WorkerRuntime, s3_client: BaseClient, make_bucket: Callable[[], str], tiny_clip_dir: Path) -> dict[str, Any]:
+    """A job over an S3 prefix with three photos and one corrupt file, listed as one batch of four."""
+    source, output = make_bucket(), make_bucket()
+    names = ["rocket.jpg", "corrupt.jpg", "astronaut.jpg", "chelsea.jpg"]
+    for name in names:
+        body = CORRUPT_JPEG if name == "corrupt.jpg" else (DATA / name).read_bytes()
+        s3_client.put_object(Bucket=source, Key=f"in/{name}", Body=body)
+    spec = make_spec(f"s3://{source}/in/", f"s3://{output}/results/", tiny_clip_dir)
+    runtime.store.create(JOB_ID, spec)
+    uris = [f"s3://{source}/in/{name}" for name in names]
+    runtime.store.finish_listing(JOB_ID, len(uris), 0, 1)
+    return {"spec": spec, "output": output, "uris": uris, "message": BatchMessage(job_id=JOB_ID, batch=0, uris=uris)}
+
+
+def make_spec(source: str, output: str, model_dir: Path) -> JobSpec:
+    return build_spec(source=source, labels=LABELS, output=output, model=str(model_dir), top_k=TOP_K)
+
+
+def read_s3_rows(s3_client: BaseClient, bucket: str, batch: int = 0) -> list[dict[str, Any]]:
+    key = f"results/{JOB_ID}/{SHARD_NAME.format(batch=batch)}"
+    body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    return [json.loads(line) for line in body.splitlines()]
+
+
+def read_s3_summary(s3_client: BaseClient, bucket: str) -> dict[str, Any]:
+    body = s3_client.get_object(Bucket=bucket, Key=f"results/{JOB_ID}/{SUCCESS_MARKER}")["Body"].read()
+    return json.loads(body)
+
+
+def output_keys(s3_client: BaseClient, bucket: str) -> list[str]:
+    return [item["Key"] for item in s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def counters(runtime: WorkerRuntime) -> tuple[str, str, str]:
+    fields = runtime.store.fields(JOB_ID)
+    return fields["succeeded"], fields["failed"], fields["batches_done"]
+
+
+def test_batch_written(runtime: WorkerRuntime, s3_job: dict[str, Any]) -> None:
+    outcome = process_batch(runtime, s3_job["message"])
+    assert outcome.status == "written"
+    assert outcome.attempt == 1
+    assert (outcome.succeeded, outcome.failed) == (3, 1)
+
+
+def test_shard_rows_in_input_order(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    process_batch(runtime, s3_job["message"])
+    rows = read_s3_rows(s3_client, s3_job["output"])
+    assert [row["uri"] for row in rows] == s3_job["uris"]
+
+
+def test_shard_corrupt_row(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    process_batch(runtime, s3_job["message"])
+    corrupt = read_s3_rows(s3_client, s3_job["output"])[1]
+    assert corrupt["error"]["code"] == "decode_error"
+    assert corrupt["label"] is None
+    assert corrupt["top_k"] == []
+
+
+def test_shard_good_rows_scored(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    process_batch(runtime, s3_job["message"])
+    rows = read_s3_rows(s3_client, s3_job["output"])
+    for row in (rows[0], rows[2], rows[3]):
+        assert row["error"] is None, row["uri"]
+        assert row["label"] in LABELS, row["uri"]
+        assert len(row["top_k"]) == TOP_K, row["uri"]
+        assert row["score"] == row["top_k"][0]["score"], row["uri"]
+
+
+def test_job_succeeds_with_summary(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    process_batch(runtime, s3_job["message"])
+    summary = read_s3_summary(s3_client, s3_job["output"])
+    assert runtime.store.state(JOB_ID) == "succeeded"
+    assert summary["total"] == 4
+    assert summary["succeeded"] == 3
+    assert summary["failed"] == 1
+
+
+def test_redelivery_after_completion_status(runtime: WorkerRuntime, s3_job: dict[str, Any]) -> None:
+    process_batch(runtime, s3_job["message"])
+    again = process_batch(runtime, s3_job["message"])
+    assert again.status == "skipped_done"
+
+
+def test_redelivery_after_completion_counters(runtime: WorkerRuntime, s3_job: dict[str, Any]) -> None:
+    process_batch(runtime, s3_job["message"])
+    before = counters(runtime)
+    process_batch(runtime, s3_job["message"])
+    assert counters(runtime) == before
+
+
+def test_redelivery_while_running_skipped_done(runtime: WorkerRuntime, s3_job: dict[str, Any]) -> None:
+    """With a second batch still pending, a repeated first batch is skipped and counted once."""
+    runtime.store.finish_listing(JOB_ID, 8, 0, 2)
+    process_batch(runtime, s3_job["message"])
+    before = counters(runtime)
+
+    again = process_batch(runtime, s3_job["message"])
+
+    assert again.status == "skipped_done"
+    assert counters(runtime) == before
+    assert runtime.store.state(JOB_ID) == "running"
+
+
+def run_over_delivery_cap(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome:
+    runtime.settings = runtime.settings.model_copy(update={"max_delivery_attempts": 2})
+    runtime.store.count_delivery(JOB_ID, message.batch)
+    runtime.store.count_delivery(JOB_ID, message.batch)
+    return process_batch(runtime, message)
+
+
+def test_delivery_cap_status(runtime: WorkerRuntime, s3_job: dict[str, Any]) -> None:
+    outcome = run_over_delivery_cap(runtime, s3_job["message"])
+    assert outcome.status == "attempts_exceeded"
+    assert outcome.attempt == 3
+
+
+def test_delivery_cap_rows_failed(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    run_over_delivery_cap(runtime, s3_job["message"])
+    rows = read_s3_rows(s3_client, s3_job["output"])
+    assert [row["uri"] for row in rows] == s3_job["uris"]
+    assert {row["error"]["code"] for row in rows} == {"delivery_attempts_exceeded"}
+
+
+def test_delivery_cap_completes_job(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    run_over_delivery_cap(runtime, s3_job["message"])
+    summary = read_s3_summary(s3_client, s3_job["output"])
+    assert runtime.store.state(JOB_ID) == "succeeded"
+    assert (summary["succeeded"], summary["failed"]) == (0, 4)
+
+
+def test_cancelled_job_skipped(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    runtime.store.cancel(JOB_ID)
+    outcome = process_batch(runtime, s3_job["message"])
+    assert outcome.status == "skipped_cancelled"
+    assert output_keys(s3_client, s3_job["output"]) == []
+    assert counters(runtime) == ("0", "0", "0")
+
+
+def test_missing_key_beside_good_photo(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    good = s3_job["uris"][0]
+    missing = good.rsplit("/", 1)[0] + "/missing.jpg"
+    outcome = process_batch(runtime, BatchMessage(job_id=JOB_ID, batch=0, uris=[missing, good]))
+    rows = read_s3_rows(s3_client, s3_job["output"])
+    assert outcome.status == "written"
+    assert rows[0]["error"]["code"] == "not_found"
+    assert rows[1]["error"] is None
+    assert rows[1]["label"] in LABELS
+    assert runtime.store.is_batch_done(JOB_ID, 0)
+
+
+@pytest.fixture
+def local_job(runtime: WorkerRuntime, tmp_path: Path, tiny_clip_dir: Path) -> dict[str, Any]:
+    source, output = tmp_path / "photos", tmp_path / "results"
+    source.mkdir()
+    (source / "coffee.jpg").write_bytes((DATA / "coffee.jpg").read_bytes())
+    spec = make_spec(str(source), str(output), tiny_clip_dir)
+    runtime.store.create(JOB_ID, spec)
+    runtime.store.finish_listing(JOB_ID, 1, 0, 1)
+    message = BatchMessage(job_id=JOB_ID, batch=0, uris=[str(source / "coffee.jpg")])
+    return {"output": output, "message": message}
+
+
+def test_local_job_shard_readable(runtime: WorkerRuntime, local_job: dict[str, Any]) -> None:
+    process_batch(runtime, local_job["message"])
+    shard = local_job["output"] / JOB_ID / SHARD_NAME.format(batch=0)
+    rows = [json.loads(line) for line in shard.read_text(encoding="utf-8").splitlines()]
+    assert [row["uri"] for row in rows] == local_job["message"].uris
+    assert rows[0]["error"] is None
+
+
+def test_local_job_no_temporary_files(runtime: WorkerRuntime, local_job: dict[str, Any]) -> None:
+    process_batch(runtime, local_job["message"])
+    names = sorted(path.name for path in (local_job["output"] / JOB_ID).iterdir())
+    assert names == [SUCCESS_MARKER, SHARD_NAME.format(batch=0)]
+
+
+def test_local_job_succeeds(runtime: WorkerRuntime, local_job: dict[str, Any]) -> None:
+    process_batch(runtime, local_job["message"])
+    assert runtime.store.state(JOB_ID) == "succeeded"
+
+
+def test_local_job_path_outside_source(runtime: WorkerRuntime, local_job: dict[str, Any], tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes((DATA / "coffee.jpg").read_bytes())
+    process_batch(runtime, BatchMessage(job_id=JOB_ID, batch=0, uris=[str(outside)]))
+    shard = local_job["output"] / JOB_ID / SHARD_NAME.format(batch=0)
+    row = json.loads(shard.read_text(encoding="utf-8"))
+    assert row["error"]["code"] == "access_denied"
