@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -12,6 +13,9 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import redis
+from pydantic import ValidationError
 
 from producer.client import Client, Job, make_spec
 from producer.errors import ClipfleetError, InvalidJobSpec
@@ -31,8 +35,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGHUP, _raise_keyboard_interrupt)
     try:
         return int(args.handler(args) or 0)
+    except ValidationError as e:
+        print(f"error: {describe_settings_error(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except redis.exceptions.ConnectionError as e:
+        print(f"error: cannot reach Redis: {e}. Check CLIPFLEET_REDIS_URL and that the server is running", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader of our output (for example `head`) went away; stop quietly as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except InvalidJobSpec as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -45,6 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """Name each invalid `CLIPFLEET_*` variable with its value and the problem."""
+    parts = []
+    for item in error.errors():
+        name = "CLIPFLEET_" + "_".join(str(part) for part in item["loc"]).upper()
+        parts.append(f"{name}={item.get('input')!r} is invalid: {item['msg']}")
+    return "; ".join(parts)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
@@ -112,6 +136,8 @@ def read_labels(args: argparse.Namespace) -> list[str] | dict[str, list[str]]:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise InvalidJobSpec(f"--labels-file {str(path)!r} cannot be read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise InvalidJobSpec(f"--labels-file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     if path.suffix.lower() == ".json":
         try:
             return json.loads(text)
@@ -154,7 +180,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             job.cancel()
             raise
         _print_summary(job, status, time.monotonic() - started)
-    return 0
+    return _exit_code(status)
+
+
+def _exit_code(status: JobStatus) -> int:
+    """Return 0 for a succeeded job, even with failed images (the summary counts them), else 1."""
+    return 0 if status.state == "succeeded" else EXIT_ERROR
 
 
 def cmd_submit(args: argparse.Namespace, wait: bool = False) -> int:
@@ -167,6 +198,7 @@ def cmd_submit(args: argparse.Namespace, wait: bool = False) -> int:
         started = time.monotonic()
         status = job.wait(progress=sys.stderr.isatty())
         _print_summary(job, status, time.monotonic() - started)
+        return _exit_code(status)
     return 0
 
 
@@ -180,7 +212,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
     job = Client(Settings()).job(args.job_id)
     status = job.wait(timeout_s=args.timeout_s, progress=not args.no_progress and sys.stderr.isatty())
     print(json.dumps(_status_dict(status), indent=2))
-    return 0 if status.state == "succeeded" else EXIT_ERROR
+    return _exit_code(status)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -235,7 +267,8 @@ def _print_summary(job: Job, status: JobStatus, elapsed_s: float) -> None:
             labels[row["label"]] += 1
     print(f"job {job.id}: {status.state}")
     print(f"  images: {status.total or 0} total, {status.succeeded} classified, {status.failed} failed, {status.skipped} skipped (not images)")
-    print(f"  time: {elapsed_s:.1f} s" + (f", {status.images_per_s:.1f} images/s" if status.images_per_s else ""))
+    rate = f", {status.images_per_s:.1f} images/s from the first batch on" if status.images_per_s else ""
+    print(f"  time: {elapsed_s:.1f} s in all{rate}")
     for label, count in labels.most_common(20):
         print(f"  {count:>8}  {label}")
     if len(labels) > 20:

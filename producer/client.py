@@ -34,7 +34,13 @@ class Client:
                 "CLIPFLEET_REDIS_URL is not set: point it at the Redis the workers use "
                 "(for example redis://localhost:6379/0), or use `clipfleet run` to start a private one"
             )
-        self.store = JobStore.from_url(self.settings.redis_url)
+        try:
+            self.store = JobStore.from_url(self.settings.redis_url)
+        except ValueError as e:
+            raise ClipfleetError(
+                f"CLIPFLEET_REDIS_URL={self.settings.redis_url!r} is not a valid Redis URL ({e}); "
+                "use the form redis://host:6379/0"
+            ) from e
         self.storage = Storage(self.settings.s3_endpoint_url, timeout_s=self.settings.fetch_timeout_s)
         self._celery = make_celery(self.settings, name="clipfleet-producer")
 
@@ -63,7 +69,8 @@ class Client:
         return self.submit_spec(spec)
 
     def submit_spec(self, spec: JobSpec) -> "Job":
-        """Enqueue a validated job; see `submit`."""
+        """Enqueue a validated job; see `submit`. Raises StorageError when the output is not writable."""
+        self.storage.check_writable(spec.output)
         stats = ListingStats()
         uris = iter_source(spec.source, self.storage, spec.extensions, stats)
         first = _first_or_none(uris)
@@ -230,9 +237,9 @@ def _spec_fields(
         "source": source,
         "labels": dict(labels) if isinstance(labels, Mapping) else labels,
         "output": output,
-        "model": model or settings.model,
+        "model": settings.model if model is None else model,
         "model_revision": settings.model_revision,
-        "batch_size": batch_size or settings.batch_size,
+        "batch_size": settings.batch_size if batch_size is None else batch_size,
         "top_k": top_k,
     }
     if templates is not None:

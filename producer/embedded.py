@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -11,8 +12,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -133,11 +136,31 @@ class EmbeddedStack:
             )
 
     def stop(self) -> None:
-        """Stop the worker, then Redis. Safe to call twice."""
-        for process in (self.worker, self.redis):
-            if process is not None:
-                process.stop()
-        self.worker = self.redis = None
+        """Stop the worker, then Redis, and delete the working folder unless a process failed. Safe to call twice.
+
+        Interrupt signals are ignored until both are stopped, so a second Ctrl-C cannot leave Redis running.
+        """
+        with _interrupts_ignored():
+            failed = any(process is not None and process.process.poll() not in (None, 0) for process in (self.worker, self.redis))
+            for process in (self.worker, self.redis):
+                if process is not None:
+                    process.stop()
+            self.worker = self.redis = None
+            if not failed:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def start_redis(workdir: Path, attempts: int = 3) -> tuple[ManagedProcess, str]:

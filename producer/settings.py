@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     metrics_port: int | None = None
 
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("use one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
     @field_validator("allowed_buckets", mode="before")
     @classmethod
     def _split_buckets(cls, value: object) -> object:

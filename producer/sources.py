@@ -56,11 +56,24 @@ def iter_source(
     for uri in _iter_raw(source, storage):
         if uri.endswith("/"):
             continue
+        if not _is_utf8(uri):
+            logger.warning("Skipping %r: its name is not valid UTF-8, so result rows cannot hold it", uri)
+            stats.skip(uri)
+            continue
         if not uri.lower().endswith(suffixes):
             stats.skip(uri)
             continue
         stats.listed += 1
         yield uri
+
+
+def _is_utf8(uri: str) -> bool:
+    # Local file names that are not UTF-8 arrive as lone surrogates (PEP 383), which JSON cannot encode.
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _iter_raw(source: str, storage: Storage) -> Iterator[str]:
@@ -111,7 +124,10 @@ def iter_manifest(source: str, storage: Storage) -> Iterator[str]:
     `.jsonl`: one object per line with a `uri` field.
     Relative local paths are resolved against the manifest's folder. Raises SourceError on a malformed line.
     """
-    text = storage.get_bytes(source).decode("utf-8-sig")
+    try:
+        text = storage.get_bytes(source).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"manifest {source!r} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     base = None if is_s3_uri(source) else Path(source).parent
     suffix = source.lower().rsplit(".", 1)[-1]
     readers = {"txt": _manifest_txt, "csv": _manifest_csv, "jsonl": _manifest_jsonl}

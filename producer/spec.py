@@ -9,7 +9,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from producer.constants import DEFAULT_IMAGE_EXTENSIONS, DEFAULT_MODEL, DEFAULT_TEMPLATES
+from producer.constants import (
+    DEFAULT_IMAGE_EXTENSIONS,
+    DEFAULT_MODEL,
+    DEFAULT_TEMPLATES,
+)
 from producer.errors import InvalidJobSpec
 from producer.uris import S3Uri, parse_location
 

@@ -52,6 +52,14 @@ return 0
 """
 
 
+# KEYS: job hash. ARGV: now.
+_START_BATCH = """
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
+if redis.call('HGET', KEYS[1], 'state') == 'queued' then redis.call('HSET', KEYS[1], 'state', 'running') end
+return 0
+"""
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """A snapshot of one job. `done` counts finished images, successful or not; `failed` is part of `done`."""
@@ -84,6 +92,7 @@ class JobStore:
         self.redis = client
         self._record = client.register_script(_RECORD_BATCH)
         self._finish = client.register_script(_FINISH_LISTING)
+        self._start = client.register_script(_START_BATCH)
 
     @classmethod
     def from_url(cls, url: str) -> "JobStore":
@@ -136,6 +145,10 @@ class JobStore:
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         self.redis.hset(JOB_KEY.format(job_id=job_id), mapping={k: str(v) for k, v in fields.items()})
+
+    def mark_batch_started(self, job_id: str) -> None:
+        """Record the job's start time once, and move a queued job to running."""
+        self._start(keys=[JOB_KEY.format(job_id=job_id)], args=[repr(time.time())])
 
     def set_field_once(self, job_id: str, name: str, value: str) -> None:
         self.redis.hsetnx(JOB_KEY.format(job_id=job_id), name, value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,32 @@ class Storage:
             return target.read_bytes()
         except (OSError, *self._client_errors()) as e:
             raise StorageError(f"reading {location!r} failed: {e}") from e
+
+    def delete(self, location: str) -> None:
+        """Delete an S3 object or local file; a missing one is not an error. Raises StorageError."""
+        target = parse_location(location)
+        try:
+            if isinstance(target, S3Uri):
+                self.client.delete_object(Bucket=target.bucket, Key=target.key)
+            else:
+                target.unlink(missing_ok=True)
+        except (OSError, *self._client_errors()) as e:
+            raise StorageError(f"deleting {location!r} failed: {e}") from e
+
+    def check_writable(self, location: str) -> None:
+        """Write and delete a small probe object under `location`, so an unwritable output fails before a job starts.
+
+        Raises StorageError naming the location. A probe that cannot be deleted is only logged.
+        """
+        probe = join_location(location, f".clipfleet-write-check-{uuid.uuid4().hex}")
+        try:
+            self.put_bytes(probe, b"")
+        except StorageError as e:
+            raise StorageError(f"output {location!r} is not writable: {e.__cause__ or e}") from e
+        try:
+            self.delete(probe)
+        except StorageError as e:
+            logger.warning("Could not delete the write probe %s: %s", probe, e)
 
     def exists(self, location: str) -> bool:
         target = parse_location(location)

@@ -8,6 +8,9 @@ worker at once with a message that explains how to provide it.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import signal
 from typing import Any
 
 from celery import Celery, signals
@@ -20,6 +23,10 @@ logger = logging.getLogger(__name__)
 settings = Settings()
 app = Celery("clipfleet", include=["workers.tasks"])
 app.conf.update(celery_config(settings))
+
+# Set to 1 by a pool process that cannot load the model. Created before the pool forks, so the parent and
+# its pool processes share it, and the parent exits with status 1 instead of 0.
+_model_failed = multiprocessing.Value("i", 0)
 
 
 @signals.worker_init.connect
@@ -39,7 +46,25 @@ def check_model_available(**_: Any) -> None:
 
 @signals.worker_process_init.connect
 def load_model_in_pool_process(**_: Any) -> None:
-    """Load the default model in a freshly forked pool process, before it takes a task."""
+    """Load the default model in a freshly forked pool process, before it takes a task.
+
+    A pool process that cannot load the model (for example CLIPFLEET_DEVICE=cuda without a GPU) asks the
+    parent for a warm shutdown and exits, because every batch it took would fail.
+    """
+    from workers.model import ModelLoadError
     from workers.runtime import get_runtime
 
-    get_runtime().model(settings.model, settings.model_revision)
+    try:
+        get_runtime().model(settings.model, settings.model_revision)
+    except ModelLoadError as e:
+        logger.critical("error: %s; stopping the worker", e)
+        _model_failed.value = 1
+        os.kill(os.getppid(), signal.SIGTERM)
+        raise SystemExit(1) from e
+
+
+@signals.worker_shutdown.connect
+def exit_with_failure_if_model_failed(**_: Any) -> None:
+    """Make the worker exit with status 1 after a pool process failed to load the model."""
+    if _model_failed.value:
+        raise SystemExit(1)

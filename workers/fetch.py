@@ -33,7 +33,12 @@ def fetch_bytes(
 
 
 def _fetch_s3(storage: Storage, uri: str, max_bytes: int, allowed_buckets: list[str]) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectTimeoutError,
+        ReadTimeoutError,
+    )
 
     try:
         location = parse_s3_uri(uri)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class LoadedModel:
     device: Any
     dtype: Any
     load_s: float
+    fingerprint: str
 
     @property
     def logit_scale(self) -> float:
@@ -111,7 +113,23 @@ def load_model(name: str, revision: str | None = None, device: str = "auto", dty
     load_s = time.perf_counter() - started
     resolved_revision = revision or _snapshot_revision(path)
     logger.info("Loaded model %s (revision %s) on %s in %.1f s", name, resolved_revision, torch_device, load_s)
-    return LoadedModel(name, resolved_revision, path, model, tokenizer, processor, torch_device, choose_dtype(dtype, torch_device), load_s)
+    return LoadedModel(
+        name, resolved_revision, path, model, tokenizer, processor, torch_device,
+        choose_dtype(dtype, torch_device), load_s, checkpoint_fingerprint(path),
+    )
+
+
+def checkpoint_fingerprint(path: str) -> str:
+    """Return a digest of the checkpoint's file names, sizes and modification times.
+
+    It changes when a local checkpoint folder is replaced in place, which its path alone would not show.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).iterdir()):
+        if file.is_file() and file.suffix in (".json", ".txt", ".safetensors", ".bin"):
+            stat = file.stat()
+            digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _snapshot_revision(path: str) -> str | None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from producer.constants import STATE_CANCELLED, STATE_SUCCEEDED
+from producer.errors import StorageError
 from producer.messages import BatchMessage
 from producer.results import finalize_job, write_shard
 from producer.spec import JobSpec, local_root
@@ -64,7 +65,7 @@ def process_batch(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome
         return _finish(runtime, spec, message, attempt, rows, "attempts_exceeded", {})
 
     logger.info("Job %s batch %d attempt %d started: %d images", job_id, batch, attempt, len(message.uris))
-    runtime.store.set_field_once(job_id, "started_at", repr(time.time()))
+    runtime.store.mark_batch_started(job_id)
     loaded = runtime.model(spec.model, spec.model_revision)
     runtime.store.set_field_once(job_id, "model_revision", loaded.revision or "")
     rows, durations = classify_uris(runtime, spec, loaded, message.uris)
@@ -81,7 +82,13 @@ def _finish(
     durations: dict[str, float],
 ) -> BatchOutcome:
     started = time.perf_counter()
-    write_shard(runtime.storage, spec, message.job_id, message.batch, rows)
+    try:
+        write_shard(runtime.storage, spec, message.job_id, message.batch, rows)
+    except StorageError:
+        if status != "attempts_exceeded":
+            raise
+        # The last delivery still counts the batch, so the job can finish even when its output is broken.
+        logger.exception("Job %s batch %d: writing the failure rows failed too; counting the batch anyway", message.job_id, message.batch)
     durations["write"] = time.perf_counter() - started
 
     failed = sum(1 for row in rows if row["error"] is not None)

@@ -1,7 +1,7 @@
 """The label-embedding cache: in process first, then Redis, then the text tower.
 
-Entries are keyed by a digest of the model, its revision and every prompt, so a changed label or template
-is a new entry. The Redis copy lets a second worker skip the text tower for a job another worker started.
+Entries are keyed by a digest of the model, its revision, every prompt and the checkpoint's files, so a
+changed label, template or checkpoint is a new entry. The Redis copy lets a second worker skip the text tower for a job another worker started.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ REDIS_TTL_S = 7 * 24 * 3600
 PROCESS_ENTRIES = 8
 
 
+def cache_digest(spec: JobSpec, loaded: LoadedModel) -> str:
+    """Return the cache key digest: the job's model id, revision and prompts, and the loaded checkpoint's files."""
+    return hashlib.sha256(f"{spec.prompts_digest()}:{loaded.fingerprint}".encode()).hexdigest()
+
+
 class PromptCache:
     """Label embeddings per job spec. Not thread-safe: call it from the task thread only."""
 
@@ -36,7 +41,7 @@ class PromptCache:
 
     def get(self, spec: JobSpec, loaded: LoadedModel) -> torch.Tensor:
         """Return the job's label embeddings, `[labels, dim]` float32, running the text tower only when neither this process nor Redis has them."""
-        digest = spec.prompts_digest()
+        digest = cache_digest(spec, loaded)
         cached = self._entries.get(digest)
         if cached is not None:
             self._entries.move_to_end(digest)

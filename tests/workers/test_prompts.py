@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,8 @@ import torch
 
 from producer.constants import PROMPT_CACHE_KEY
 from producer.spec import JobSpec, build_spec
-from workers.model import LoadedModel, load_model
-from workers.prompts import REDIS_TTL_S, PromptCache
+from workers.model import LoadedModel, checkpoint_fingerprint, load_model
+from workers.prompts import REDIS_TTL_S, PromptCache, cache_digest
 
 LABELS = ["cat", "rocket"]
 TEMPLATE = "a photo of a {}."
@@ -61,8 +63,8 @@ def make_spec(templates: list[str] | None = None) -> JobSpec:
     )
 
 
-def cache_key(spec: JobSpec) -> str:
-    return PROMPT_CACHE_KEY.format(digest=spec.prompts_digest())
+def cache_key(spec: JobSpec, loaded: LoadedModel) -> str:
+    return PROMPT_CACHE_KEY.format(digest=cache_digest(spec, loaded))
 
 
 def test_first_get_is_miss(client: redis.Redis, loaded: LoadedModel) -> None:
@@ -77,7 +79,7 @@ def test_first_get_is_miss(client: redis.Redis, loaded: LoadedModel) -> None:
 def test_miss_writes_redis_hash(client: redis.Redis, loaded: LoadedModel) -> None:
     spec = make_spec()
     embeddings = PromptCache(client).get(spec, loaded)
-    entry = client.hgetall(cache_key(spec))
+    entry = client.hgetall(cache_key(spec, loaded))
     assert entry[b"shape"] == f"{len(LABELS)},{EMBEDDING_DIM}".encode()
     assert entry[b"data"] == embeddings.numpy().astype(np.float32).tobytes()
     assert entry[b"sha256"].decode() == hashlib.sha256(entry[b"data"]).hexdigest()
@@ -86,7 +88,7 @@ def test_miss_writes_redis_hash(client: redis.Redis, loaded: LoadedModel) -> Non
 def test_redis_entry_expires(client: redis.Redis, loaded: LoadedModel) -> None:
     spec = make_spec()
     PromptCache(client).get(spec, loaded)
-    ttl_s = client.ttl(cache_key(spec))
+    ttl_s = client.ttl(cache_key(spec, loaded))
     assert 0 < ttl_s <= REDIS_TTL_S
 
 
@@ -94,14 +96,14 @@ def test_second_get_served_in_process(client: redis.Redis, loaded: LoadedModel, 
     spec = make_spec()
     cache = PromptCache(client)
     first = cache.get(spec, loaded)
-    client.delete(cache_key(spec))
+    client.delete(cache_key(spec, loaded))
 
     second = cache.get(spec, no_model)
 
     assert second is first
     assert cache.hits == 0
     assert cache.misses == 1
-    assert client.exists(cache_key(spec)) == 0
+    assert client.exists(cache_key(spec, loaded)) == 0
 
 
 def test_second_instance_hits_redis(client: redis.Redis, loaded: LoadedModel, no_model: LoadedModel) -> None:
@@ -121,7 +123,7 @@ def test_hit_matches_text_tower(client: redis.Redis, loaded: LoadedModel, no_mod
     spec = make_spec()
     PromptCache(client).get(spec, loaded)
     reused = PromptCache(client).get(spec, no_model)
-    client.delete(cache_key(spec))
+    client.delete(cache_key(spec, loaded))
     recomputed = PromptCache(client).get(spec, loaded)
     assert torch.allclose(reused, recomputed, atol=1e-6)
 
@@ -129,9 +131,9 @@ def test_hit_matches_text_tower(client: redis.Redis, loaded: LoadedModel, no_mod
 def test_corrupt_data_recomputed(client: redis.Redis, loaded: LoadedModel) -> None:
     spec = make_spec()
     expected = PromptCache(client).get(spec, loaded)
-    data = bytearray(client.hget(cache_key(spec), "data"))
+    data = bytearray(client.hget(cache_key(spec, loaded), "data"))
     data[0] ^= 0xFF
-    client.hset(cache_key(spec), "data", bytes(data))
+    client.hset(cache_key(spec, loaded), "data", bytes(data))
     cache = PromptCache(client)
 
     embeddings = cache.get(spec, loaded)
@@ -144,20 +146,20 @@ def test_corrupt_data_recomputed(client: redis.Redis, loaded: LoadedModel) -> No
 def test_corrupt_entry_rewritten(client: redis.Redis, loaded: LoadedModel) -> None:
     spec = make_spec()
     PromptCache(client).get(spec, loaded)
-    data = bytearray(client.hget(cache_key(spec), "data"))
+    data = bytearray(client.hget(cache_key(spec, loaded), "data"))
     data[0] ^= 0xFF
-    client.hset(cache_key(spec), "data", bytes(data))
+    client.hset(cache_key(spec, loaded), "data", bytes(data))
 
     PromptCache(client).get(spec, loaded)
 
-    entry = client.hgetall(cache_key(spec))
+    entry = client.hgetall(cache_key(spec, loaded))
     assert entry[b"sha256"].decode() == hashlib.sha256(entry[b"data"]).hexdigest()
 
 
 def test_shape_longer_than_data_recomputed(client: redis.Redis, loaded: LoadedModel) -> None:
     spec = make_spec()
     expected = PromptCache(client).get(spec, loaded)
-    client.hset(cache_key(spec), "shape", f"{len(LABELS) + 1},{EMBEDDING_DIM}")
+    client.hset(cache_key(spec, loaded), "shape", f"{len(LABELS) + 1},{EMBEDDING_DIM}")
     cache = PromptCache(client)
 
     embeddings = cache.get(spec, loaded)
@@ -170,7 +172,7 @@ def test_shape_swapped_recomputed(client: redis.Redis, loaded: LoadedModel) -> N
     """A stored shape with the right byte count but the wrong number of labels is not trusted."""
     spec = make_spec()
     expected = PromptCache(client).get(spec, loaded)
-    client.hset(cache_key(spec), "shape", f"1,{len(LABELS) * EMBEDDING_DIM}")
+    client.hset(cache_key(spec, loaded), "shape", f"1,{len(LABELS) * EMBEDDING_DIM}")
     cache = PromptCache(client)
 
     embeddings = cache.get(spec, loaded)
@@ -186,10 +188,10 @@ def test_changed_template_new_key(client: redis.Redis, loaded: LoadedModel) -> N
     cache.get(first, loaded)
     cache.get(second, loaded)
 
-    assert cache_key(first) != cache_key(second)
+    assert cache_key(first, loaded) != cache_key(second, loaded)
     assert cache.misses == 2
     assert sorted(client.keys(PROMPT_CACHE_KEY.format(digest="*"))) == sorted(
-        [cache_key(first).encode(), cache_key(second).encode()]
+        [cache_key(first, loaded).encode(), cache_key(second, loaded).encode()]
     )
 
 
@@ -198,3 +200,16 @@ def test_changed_template_new_embeddings(client: redis.Redis, loaded: LoadedMode
     plain = cache.get(make_spec([TEMPLATE]), loaded)
     blurry = cache.get(make_spec(["a blurry photo of a {}."]), loaded)
     assert not torch.allclose(plain, blurry, atol=1e-4)
+
+
+def test_replaced_checkpoint_changes_key(loaded: LoadedModel, tmp_path: Path) -> None:
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(loaded.path, copy)
+    before = checkpoint_fingerprint(str(copy))
+    weights = next(copy.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # same path, new modification time
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    after = checkpoint_fingerprint(str(copy))
+    assert before != after
+    spec = make_spec()
+    assert cache_digest(spec, dataclasses.replace(loaded, fingerprint=before)) != cache_digest(spec, dataclasses.replace(loaded, fingerprint=after))
