@@ -18,7 +18,6 @@ from botocore.client import BaseClient
 from tests.support.checkpoints import build_tiny_clip
 from tests.support.servers import RedisServer, S3Server
 
-
 # moto accepts any credentials. Disabling the EC2 metadata lookup keeps botocore from probing
 # the instance metadata address when a credential is missing.
 AWS_TEST_ENVIRONMENT = {

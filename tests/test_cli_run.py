@@ -13,6 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+
+from producer.embedded import free_port
 
 DATA = Path(__file__).resolve().parent / "data"
 RUN_TIMEOUT_S = 240
@@ -128,3 +131,68 @@ def test_run_invalid_labels_exit_2(photos: Path, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "labels" in result.stderr
     assert "empty" in result.stderr
+
+
+def test_invalid_setting_named(photos: Path, tmp_path: Path) -> None:
+    env = private_environment() | {"CLIPFLEET_BATCH_SIZE": "abc"}
+    result = clipfleet("run", str(photos), "--labels", "cat", "--output", str(tmp_path / "out"), env=env)
+    assert result.returncode == 2
+    assert "CLIPFLEET_BATCH_SIZE='abc' is invalid" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_redis_named(photos: Path, tmp_path: Path) -> None:
+    env = private_environment() | {"CLIPFLEET_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    result = clipfleet("submit", str(photos), "--labels", "cat", "--output", str(tmp_path / "out"), env=env, timeout_s=60)
+    assert result.returncode == 1
+    assert "cannot reach Redis" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_submit_wait_cancelled_exits_1(redis_url: str, photos: Path, tmp_path: Path, tiny_clip_dir: Path) -> None:
+    """With no worker, the job stays queued until another client cancels it; `submit --wait` then exits 1."""
+    env = private_environment() | {"CLIPFLEET_REDIS_URL": redis_url}
+    command = [sys.executable, "-m", "producer.cli", "submit", str(photos), "--labels", "cat", "--output", str(tmp_path / "out"), "--model", str(tiny_clip_dir), "--wait"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        job_id = process.stdout.readline().strip()
+        assert clipfleet("cancel", job_id, env=env, timeout_s=60).returncode == 0
+        stdout, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1
+    assert f"job {job_id}: cancelled" in stdout
+
+
+def test_run_double_interrupt_stops_everything(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    photos = tmp_path / "many"
+    photos.mkdir()
+    for index in range(200):
+        shutil.copy(DATA / "coffee.jpg", photos / f"{index:04d}.jpg")
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "producer.cli", "run", str(photos), "--labels", "cat,dog", "--output", str(output), "--model", str(tiny_clip_dir), "--batch-size", "4"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=private_environment())
+    try:
+        _wait_for_first_shard(output, process)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert stray_processes(str(tiny_clip_dir)) == []
+    assert stray_processes(str(photos)) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when no CUDA device exists")
+def test_worker_without_cuda_exits_1(redis_url: str, tiny_clip_dir: Path) -> None:
+    env = private_environment() | {"CLIPFLEET_REDIS_URL": redis_url, "CLIPFLEET_MODEL": str(tiny_clip_dir), "CLIPFLEET_DEVICE": "cuda"}
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool=prefork", "--concurrency=1"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 1
+    assert "CLIPFLEET_DEVICE=cuda but torch finds no CUDA device" in result.stderr

@@ -383,3 +383,14 @@ def test_missing_local_folder_raises(tmp_path: Path, storage: Storage) -> None:
 
     with pytest.raises(SourceError, match="no-such-folder"):
         list_uris(str(missing), storage)
+
+
+def test_non_utf8_file_name_skipped(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(b"x")
+    os.close(os.open(os.fsencode(folder) + b"/bad\xffname.jpg", os.O_CREAT | os.O_WRONLY))
+    stats = ListingStats()
+    uris = list(iter_source(str(folder), Storage(), DEFAULT_IMAGE_EXTENSIONS, stats))
+    assert uris == [str(folder / "good.jpg")]
+    assert stats.skipped == 1

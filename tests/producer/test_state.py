@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from celery import Celery
 
 from producer.client import Client
 from producer.constants import JOB_KEY, JOBS_INDEX_KEY, TASK_CLASSIFY_BATCH
-from producer.errors import InvalidJobSpec, JobNotFound
+from producer.errors import InvalidJobSpec, JobNotFound, StorageError
 from producer.messages import BatchMessage
 from producer.queue import BatchSender, celery_config, make_celery
 from producer.settings import Settings
@@ -490,3 +491,40 @@ def test_empty_prefix_writes_success_marker(
 def test_job_lookup_unknown_raises(make_client: Callable[..., Client]) -> None:
     with pytest.raises(JobNotFound, match="'no-such-job'"):
         make_client().job("no-such-job")
+
+
+def test_unwritable_output_enqueues_nothing(
+    make_client: Callable[..., Client], redis_client: redis.Redis, s3_client: BaseClient, make_bucket: Callable[[], str]
+) -> None:
+    bucket = make_bucket()
+    upload_images(s3_client, bucket, "in/", 3)
+
+    with pytest.raises(StorageError, match="clipfleet-missing-output"):
+        make_client().submit(source=f"s3://{bucket}/in/", labels=["cat"], output="s3://clipfleet-missing-output/out/")
+
+    assert redis_client.llen(QUEUE) == 0
+    assert job_keys(redis_client) == []
+
+
+def test_output_under_file_rejected(make_client: Callable[..., Client], tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"x")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StorageError, match="not writable"):
+        make_client().submit(source=str(photos), labels=["cat"], output=str(blocker))
+
+
+def test_write_probe_removed(make_client: Callable[..., Client], s3_client: BaseClient, make_bucket: Callable[[], str]) -> None:
+    source, output = make_bucket(), make_bucket()
+    upload_images(s3_client, source, "in/", 1)
+    make_client().submit(source=f"s3://{source}/in/", labels=["cat"], output=f"s3://{output}/out/")
+    keys = [item["Key"] for item in s3_client.list_objects_v2(Bucket=output).get("Contents", [])]
+    assert not any(".clipfleet-write-check" in key for key in keys)
+
+
+def test_zero_batch_size_not_replaced(make_client: Callable[..., Client], make_bucket: Callable[[], str]) -> None:
+    bucket = make_bucket()
+    with pytest.raises(InvalidJobSpec, match="batch_size"):
+        make_client().submit(source=f"s3://{bucket}/in/", labels=["cat"], output=f"s3://{bucket}/out/", batch_size=0)

@@ -11,6 +11,7 @@ import pytest
 from botocore.client import BaseClient
 
 from producer.constants import SHARD_NAME, SUCCESS_MARKER
+from producer.errors import StorageError
 from producer.messages import BatchMessage
 from producer.settings import Settings
 from producer.spec import JobSpec, build_spec
@@ -231,3 +232,40 @@ def test_local_job_path_outside_source(runtime: WorkerRuntime, local_job: dict[s
     shard = local_job["output"] / JOB_ID / SHARD_NAME.format(batch=0)
     row = json.loads(shard.read_text(encoding="utf-8"))
     assert row["error"]["code"] == "access_denied"
+
+
+def test_running_state_at_batch_start(runtime: WorkerRuntime, s3_job: dict[str, Any]) -> None:
+    runtime.store.mark_batch_started(JOB_ID)
+    fields = runtime.store.fields(JOB_ID)
+    assert fields["state"] == "running"
+    assert float(fields["started_at"]) > 0
+
+
+@pytest.fixture
+def unwritable_job(runtime: WorkerRuntime, s3_client: BaseClient, make_bucket: Callable[[], str], tiny_clip_dir: Path) -> dict[str, Any]:
+    """A one-image job whose output bucket does not exist, so every write fails."""
+    source = make_bucket()
+    s3_client.put_object(Bucket=source, Key="in/rocket.jpg", Body=(DATA / "rocket.jpg").read_bytes())
+    spec = make_spec(f"s3://{source}/in/", "s3://clipfleet-no-such-bucket/results/", tiny_clip_dir)
+    runtime.store.create(JOB_ID, spec)
+    runtime.store.finish_listing(JOB_ID, 1, 0, 1)
+    return {"message": BatchMessage(job_id=JOB_ID, batch=0, uris=[f"s3://{source}/in/rocket.jpg"])}
+
+
+def test_unwritable_output_raises_for_retry(runtime: WorkerRuntime, unwritable_job: dict[str, Any]) -> None:
+    with pytest.raises(StorageError):
+        process_batch(runtime, unwritable_job["message"])
+    assert not runtime.store.is_batch_done(JOB_ID, 0)
+
+
+def test_unwritable_output_last_delivery_counts(runtime: WorkerRuntime, unwritable_job: dict[str, Any]) -> None:
+    outcome = run_over_delivery_cap(runtime, unwritable_job["message"])
+    assert outcome.status == "attempts_exceeded"
+    assert runtime.store.is_batch_done(JOB_ID, 0)
+
+
+def test_unwritable_output_job_fails(runtime: WorkerRuntime, unwritable_job: dict[str, Any]) -> None:
+    run_over_delivery_cap(runtime, unwritable_job["message"])
+    fields = runtime.store.fields(JOB_ID)
+    assert fields["state"] == "failed"
+    assert "clipfleet-no-such-bucket" in fields["error"]
