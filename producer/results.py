@@ -55,6 +55,7 @@ def finalize_job(store: JobStore, storage: Storage, job_id: str) -> bool:
     Call it when `JobStore.record_batch` or `JobStore.finish_listing` reports that the job completed.
     Returns False when another process already finalized it, or the job was cancelled.
     """
+    # NOTE: a cancel that lands between this check and mark_succeeded is overwritten by "succeeded".
     if store.state(job_id) == STATE_CANCELLED:
         logger.info("Job %s was cancelled; no success marker is written", job_id)
         return False
