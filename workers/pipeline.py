@@ -46,7 +46,8 @@ class BatchOutcome:
 
 def process_batch(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome:
     """Classify one batch and write its shard. Idempotent: a redelivered batch rewrites the same shard and
-    is counted once. Raises on transient failures (Redis, storage) so the task is retried."""
+    is counted once. Raises when the batch cannot finish (Redis, storage or model errors), so the task
+    retries it, until the delivery cap records its images as failed."""
     job_id, batch = message.job_id, message.batch
     state = runtime.store.state(job_id)
     # A failed listing still lets its enqueued batches run; a cancelled or finished job drops them.
