@@ -176,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = Settings()
     if settings.redis_url:
-        print(f"CLIPFLEET_REDIS_URL is set ({settings.redis_url}): submitting to that Redis and waiting", file=sys.stderr)
+        print("CLIPFLEET_REDIS_URL is set: submitting to that Redis and waiting", file=sys.stderr)
         return cmd_submit(args, wait=True)
     spec = _spec(settings, args)  # invalid input fails before any process starts
     started = time.monotonic()
@@ -186,10 +186,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             status = job.wait(progress=True, on_poll=lambda _: stack.check_worker())
         except BaseException:
-            job.cancel()
+            _cancel_quietly(job)
             raise
         _print_summary(job, status, time.monotonic() - started)
     return _exit_code(status)
+
+
+def _cancel_quietly(job: Job) -> None:
+    """Cancel a job while another error is propagating, logging instead of raising a second error."""
+    try:
+        job.cancel()
+    except Exception:
+        logger.warning("Could not cancel job %s", job.id, exc_info=True)
 
 
 def _exit_code(status: JobStatus) -> int:
