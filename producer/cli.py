@@ -271,6 +271,7 @@ def _status_dict(status: JobStatus) -> dict[str, Any]:
         "skipped": status.skipped,
         "images_per_s": round(status.images_per_s, 2) if status.images_per_s else None,
         "eta_s": round(status.eta_s, 1) if status.eta_s is not None else None,
+        "error": status.error,
     }
 
 
@@ -283,6 +284,8 @@ def _print_summary(job: Job, status: JobStatus, elapsed_s: float) -> None:
         else:
             labels[row["label"]] += 1
     print(f"job {job.id}: {status.state}")
+    if status.error:
+        print(f"  error: {status.error}")
     print(f"  images: {status.total or 0} total, {status.succeeded} classified, {status.failed} failed, {status.skipped} skipped (not images)")
     rate = f", {status.images_per_s:.1f} images/s from the first batch on" if status.images_per_s else ""
     print(f"  time: {elapsed_s:.1f} s in all{rate}")

@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from producer.constants import STATE_CANCELLED, STATE_FAILED
+import redis
+
+from producer.constants import STATE_CANCELLED
 from producer.errors import ClipfleetError, InvalidJobSpec
 from producer.messages import BatchMessage
 from producer.queue import BatchSender, make_celery
@@ -22,6 +24,8 @@ from producer.state import JobStatus, JobStore
 from producer.storage import Storage
 
 logger = logging.getLogger(__name__)
+
+REDIS_OUTAGE_S = 60.0
 
 
 class Client:
@@ -81,7 +85,7 @@ class Client:
         try:
             batches = self._enqueue(job_id, spec, remaining)
         except BaseException as e:
-            self.store.set_fields(job_id, state=STATE_FAILED, error=str(e) or type(e).__name__, finished_at=time.time())
+            self.store.fail(job_id, f"listing stopped after an error; enqueued batches are dropped: {e or type(e).__name__}")
             raise
         if self.store.finish_listing(job_id, stats.listed, stats.skipped, batches):
             finalize_job(self.store, self.storage, job_id)
@@ -147,7 +151,7 @@ class Job:
         bar = _ProgressBar() if progress else None
         try:
             while True:
-                status = self.status()
+                status = self._status_through_outage(poll_s)
                 if bar:
                     bar.update(status)
                 if on_poll:
@@ -160,6 +164,18 @@ class Job:
         finally:
             if bar:
                 bar.close()
+
+    def _status_through_outage(self, poll_s: float) -> JobStatus:
+        """Read the status, retrying for up to REDIS_OUTAGE_S while Redis is unreachable (a restart, a failover)."""
+        deadline = time.monotonic() + REDIS_OUTAGE_S
+        while True:
+            try:
+                return self.status()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                if time.monotonic() >= deadline:
+                    raise
+                logger.warning("Reading job %s failed (%s); retrying", self.id, e)
+                time.sleep(max(poll_s, 1.0))
 
     def results(self) -> Iterator[dict[str, Any]]:
         """Yield result rows in batch order. Rows of a running job's finished batches are included."""

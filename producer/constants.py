@@ -39,7 +39,7 @@ STATE_QUEUED = "queued"
 STATE_RUNNING = "running"
 STATE_SUCCEEDED = "succeeded"
 STATE_CANCELLED = "cancelled"
-STATE_FAILED = "failed"  # listing the source failed part-way; the batches already enqueued still run
+STATE_FAILED = "failed"  # listing, the model or the output failed for the whole job; workers drop its batches
 FINAL_STATES = (STATE_SUCCEEDED, STATE_CANCELLED, STATE_FAILED)
 
 SUCCESS_MARKER = "_SUCCESS.json"

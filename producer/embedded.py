@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import logging
 import os
@@ -25,6 +26,7 @@ from producer.errors import EmbeddedServerError
 logger = logging.getLogger(__name__)
 
 REDIS_START_TIMEOUT_S = 15.0
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 STOP_GRACE_S = 10.0
 
 
@@ -54,6 +56,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _terminate_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this child when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class ManagedProcess:
     """A child process in its own process group, stopped with SIGTERM and then SIGKILL."""
 
@@ -61,8 +69,16 @@ class ManagedProcess:
         self.name = name
         self.log_path = log_path
         self._log = log_path.open("ab")
+        # Its own session keeps terminal signals away, so stop() decides the order of shutdown. The parent-death
+        # signal still stops it if this process is killed with SIGKILL and cannot run stop().
         self.process = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
         )
 
     def running(self) -> bool:

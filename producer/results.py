@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from producer.constants import SHARD_NAME, STATE_CANCELLED, STATE_FAILED, SUCCESS_MARKER
+from producer.constants import SHARD_NAME, STATE_CANCELLED, SUCCESS_MARKER
 from producer.errors import StorageError
 from producer.spec import JobSpec
 from producer.state import JobStore
@@ -69,7 +69,7 @@ def finalize_job(store: JobStore, storage: Storage, job_id: str) -> bool:
         storage.put_bytes(marker, json.dumps(summary, indent=2, ensure_ascii=False).encode(), "application/json")
     except StorageError as e:
         logger.exception("Job %s: writing %s failed; the job is marked failed", job_id, marker)
-        store.set_fields(job_id, state=STATE_FAILED, error=str(e), finished_at=repr(finished_at))
+        store.fail(job_id, f"writing {marker} failed: {e}")
         return False
     store.mark_succeeded(job_id, finished_at)
     logger.info("Job %s finished: %d succeeded, %d failed", job_id, summary["succeeded"], summary["failed"])

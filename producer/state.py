@@ -21,6 +21,7 @@ from producer.constants import (
     JOB_KEY,
     JOBS_INDEX_KEY,
     STATE_CANCELLED,
+    STATE_FAILED,
     STATE_QUEUED,
     STATE_RUNNING,
     STATE_SUCCEEDED,
@@ -75,6 +76,7 @@ class JobStatus:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    error: str | None = None
 
     @property
     def succeeded(self) -> int:
@@ -153,6 +155,11 @@ class JobStore:
     def set_field_once(self, job_id: str, name: str, value: str) -> None:
         self.redis.hsetnx(JOB_KEY.format(job_id=job_id), name, value)
 
+    def fail(self, job_id: str, error: str) -> None:
+        """Mark a job failed with the error that ends it, unless it already ended."""
+        if self.state(job_id) not in FINAL_STATES:
+            self.set_fields(job_id, state=STATE_FAILED, error=error, finished_at=repr(time.time()))
+
     def mark_succeeded(self, job_id: str, finished_at: float) -> None:
         self.set_fields(job_id, state=STATE_SUCCEEDED, finished_at=repr(finished_at))
 
@@ -205,6 +212,7 @@ class JobStore:
             created_at=float(fields["created_at"]),
             started_at=started_at,
             finished_at=finished_at,
+            error=fields.get("error") or None,
         )
 
     def listed(self, job_id: str) -> int:

@@ -32,14 +32,23 @@ def private_environment() -> dict[str, str]:
     return env
 
 
-def stray_processes(marker: str) -> list[str]:
-    """Return command lines of live processes that mention `marker`, other than this test process."""
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
+def service_processes() -> set[int]:
+    """Return the pids of live redis-server and clipfleet worker processes on this machine."""
+    found = set()
+    for process in psutil.process_iter(["pid", "cmdline", "status"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if marker in cmdline and process.info["pid"] != os.getpid():
-            found.append(cmdline)
+        if process.info["status"] != psutil.STATUS_ZOMBIE and ("redis-server" in cmdline or "workers.app" in cmdline):
+            found.add(process.info["pid"])
     return found
+
+
+def processes_started_since(before: set[int], settle_s: float = 30.0) -> set[int]:
+    """Return the service processes that appeared after `before` and are still alive once `settle_s` has passed
+    or all of them are gone, whichever comes first."""
+    deadline = time.monotonic() + settle_s
+    while (left := service_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
 
 
 @pytest.fixture
@@ -70,9 +79,10 @@ def test_run_classifies_local_folder(photos: Path, tmp_path: Path, tiny_clip_dir
 
 
 def test_run_leaves_no_process(photos: Path, tmp_path: Path, tiny_clip_dir: Path) -> None:
+    before = service_processes()
     result = clipfleet("run", str(photos), "--labels", "cat,dog", "--output", str(tmp_path / "out"), "--model", str(tiny_clip_dir), env=private_environment())
     assert result.returncode == 0, result.stderr
-    assert stray_processes(str(tiny_clip_dir)) == []
+    assert processes_started_since(before) == set()
 
 
 def test_run_interrupted_stops_everything(tmp_path: Path, tiny_clip_dir: Path) -> None:
@@ -82,6 +92,7 @@ def test_run_interrupted_stops_everything(tmp_path: Path, tiny_clip_dir: Path) -
         shutil.copy(DATA / "coffee.jpg", photos / f"{index:04d}.jpg")
     output = tmp_path / "out"
     command = [sys.executable, "-m", "producer.cli", "run", str(photos), "--labels", "cat,dog", "--output", str(output), "--model", str(tiny_clip_dir), "--batch-size", "4"]
+    before = service_processes()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=private_environment())
     try:
         _wait_for_first_shard(output, process)
@@ -92,7 +103,7 @@ def test_run_interrupted_stops_everything(tmp_path: Path, tiny_clip_dir: Path) -
             process.kill()
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr
-    assert stray_processes(str(tiny_clip_dir)) == []
+    assert processes_started_since(before) == set()
     assert len(list(output.glob("*/part-*.jsonl"))) < 100
 
 
@@ -108,11 +119,12 @@ def _wait_for_first_shard(output: Path, process: subprocess.Popen[str]) -> None:
 
 def test_run_missing_model_explains_fix(photos: Path, tmp_path: Path) -> None:
     env = private_environment() | {"HF_HUB_OFFLINE": "1"}
+    before = service_processes()
     result = clipfleet("run", str(photos), "--labels", "cat", "--output", str(tmp_path / "out"), "--model", "no-such-org/no-such-clip", env=env)
     assert result.returncode == 1
     assert "'no-such-org/no-such-clip'" in result.stderr
     assert "CLIPFLEET_MODEL" in result.stderr
-    assert stray_processes("no-such-org/no-such-clip") == []
+    assert processes_started_since(before) == set()
 
 
 def test_worker_fails_at_start_without_model(redis_url: str) -> None:
@@ -172,6 +184,7 @@ def test_run_double_interrupt_stops_everything(tmp_path: Path, tiny_clip_dir: Pa
         shutil.copy(DATA / "coffee.jpg", photos / f"{index:04d}.jpg")
     output = tmp_path / "out"
     command = [sys.executable, "-m", "producer.cli", "run", str(photos), "--labels", "cat,dog", "--output", str(output), "--model", str(tiny_clip_dir), "--batch-size", "4"]
+    before = service_processes()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=private_environment())
     try:
         _wait_for_first_shard(output, process)
@@ -183,8 +196,7 @@ def test_run_double_interrupt_stops_everything(tmp_path: Path, tiny_clip_dir: Pa
         if process.poll() is None:
             process.kill()
     assert process.returncode == 130
-    assert stray_processes(str(tiny_clip_dir)) == []
-    assert stray_processes(str(photos)) == []
+    assert processes_started_since(before) == set()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when no CUDA device exists")
@@ -196,3 +208,22 @@ def test_worker_without_cuda_exits_1(redis_url: str, tiny_clip_dir: Path) -> Non
     )
     assert result.returncode == 1
     assert "CLIPFLEET_DEVICE=cuda but torch finds no CUDA device" in result.stderr
+
+
+def test_killed_run_stops_children(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    photos = tmp_path / "many"
+    photos.mkdir()
+    for index in range(200):
+        shutil.copy(DATA / "coffee.jpg", photos / f"{index:04d}.jpg")
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "producer.cli", "run", str(photos), "--labels", "cat,dog", "--output", str(output), "--model", str(tiny_clip_dir), "--batch-size", "4"]
+    before = service_processes()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=private_environment())
+    try:
+        _wait_for_first_shard(output, process)
+        process.kill()
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert processes_started_since(before) == set()

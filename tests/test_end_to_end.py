@@ -209,3 +209,12 @@ def test_cancelled_job_drops_batches(client: Client, buckets: dict[str, str], st
     assert status.state == "cancelled"
     assert worker.running()
     assert not job.cancel()
+
+
+def test_unloadable_model_fails_job(client: Client, buckets: dict[str, str], tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-checkpoint"
+    job = client.submit(source=f"s3://{buckets['input']}/in/", labels=LABELS, output=f"s3://{buckets['output']}/bad-model/", model=str(missing))
+    status = job.wait(timeout_s=WAIT_S, progress=False)
+    assert status.state == "failed"
+    assert str(missing) in status.error
+    assert "does not exist" in status.error

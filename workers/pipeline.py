@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.constants import STATE_CANCELLED, STATE_SUCCEEDED
+from producer.constants import FINAL_STATES, STATE_SUCCEEDED
 from producer.errors import StorageError
 from producer.messages import BatchMessage
 from producer.results import finalize_job, write_shard
@@ -23,7 +23,7 @@ from producer.spec import JobSpec, local_root
 from workers.classify import encode_images, score, top_k_rows
 from workers.fetch import fetch_bytes
 from workers.images import ImageError, decode_image
-from workers.model import LoadedModel
+from workers.model import LoadedModel, ModelLoadError
 from workers.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class BatchOutcome:
     job_id: str
     batch: int
     attempt: int
-    status: str  # "written", "skipped_done", "skipped_cancelled", "attempts_exceeded"
+    status: str  # "written", "skipped_done", "skipped_cancelled", "skipped_failed", "attempts_exceeded"
     succeeded: int = 0
     failed: int = 0
     durations_s: dict[str, float] = field(default_factory=dict)
@@ -50,10 +50,9 @@ def process_batch(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome
     retries it, until the delivery cap records its images as failed."""
     job_id, batch = message.job_id, message.batch
     state = runtime.store.state(job_id)
-    # A failed listing still lets its enqueued batches run; a cancelled or finished job drops them.
-    if state in (STATE_CANCELLED, STATE_SUCCEEDED):
+    if state in FINAL_STATES:
         logger.info("Job %s batch %d dropped: job is %s", job_id, batch, state)
-        return BatchOutcome(job_id, batch, 0, "skipped_cancelled" if state == STATE_CANCELLED else "skipped_done")
+        return BatchOutcome(job_id, batch, 0, "skipped_done" if state == STATE_SUCCEEDED else f"skipped_{state}")
     if runtime.store.is_batch_done(job_id, batch):
         logger.info("Job %s batch %d already counted; delivery ignored", job_id, batch)
         return BatchOutcome(job_id, batch, 0, "skipped_done")
@@ -67,7 +66,13 @@ def process_batch(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome
 
     logger.info("Job %s batch %d attempt %d started: %d images", job_id, batch, attempt, len(message.uris))
     runtime.store.mark_batch_started(job_id)
-    loaded = runtime.model(spec.model, spec.model_revision)
+    try:
+        loaded = runtime.model(spec.model, spec.model_revision)
+    except ModelLoadError as e:
+        # Every batch of the job would fail the same way, so the job fails now with the loader's message.
+        logger.error("Job %s failed: %s", job_id, e)
+        runtime.store.fail(job_id, str(e))
+        return BatchOutcome(job_id, batch, attempt, "skipped_failed")
     runtime.store.set_field_once(job_id, "model_revision", loaded.revision or "")
     rows, durations = classify_uris(runtime, spec, loaded, message.uris)
     return _finish(runtime, spec, message, attempt, rows, "written", durations)

@@ -12,13 +12,12 @@ from producer.constants import TASK_CLASSIFY_BATCH
 from producer.errors import StorageError
 from producer.messages import BatchMessage
 from workers.app import app, settings
-from workers.model import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 # Failures expected to pass: the batch may succeed once the service or the model is back. Any other
 # exception is retried too, because the delivery cap in `process_batch` bounds every retry loop.
-TRANSIENT_ERRORS = (StorageError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ModelLoadError)
+TRANSIENT_ERRORS = (StorageError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 @app.task(
