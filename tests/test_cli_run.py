@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -85,22 +87,33 @@ def test_run_leaves_no_process(photos: Path, tmp_path: Path, tiny_clip_dir: Path
     assert processes_started_since(before) == set()
 
 
-def test_run_interrupted_stops_everything(tmp_path: Path, tiny_clip_dir: Path) -> None:
+@contextlib.contextmanager
+def long_run(tmp_path: Path, tiny_clip_dir: Path, images: int) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """Start `clipfleet run` on `images` copies of a photo in batches of 4 and yield once its first shard exists.
+
+    Yields the process and the output folder; kills the process on exit if it is still running.
+    """
     photos = tmp_path / "many"
     photos.mkdir()
-    for index in range(400):
+    for index in range(images):
         shutil.copy(DATA / "coffee.jpg", photos / f"{index:04d}.jpg")
     output = tmp_path / "out"
     command = [sys.executable, "-m", "producer.cli", "run", str(photos), "--labels", "cat,dog", "--output", str(output), "--model", str(tiny_clip_dir), "--batch-size", "4"]
-    before = service_processes()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=private_environment())
     try:
         _wait_for_first_shard(output, process)
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
+        yield process, output
     finally:
         if process.poll() is None:
             process.kill()
+            process.communicate()
+
+
+def test_run_interrupted_stops_everything(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    before = service_processes()
+    with long_run(tmp_path, tiny_clip_dir, 400) as (process, output):
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr
     assert processes_started_since(before) == set()
@@ -178,23 +191,12 @@ def test_submit_wait_cancelled_exits_1(redis_url: str, photos: Path, tmp_path: P
 
 
 def test_run_double_interrupt_stops_everything(tmp_path: Path, tiny_clip_dir: Path) -> None:
-    photos = tmp_path / "many"
-    photos.mkdir()
-    for index in range(200):
-        shutil.copy(DATA / "coffee.jpg", photos / f"{index:04d}.jpg")
-    output = tmp_path / "out"
-    command = [sys.executable, "-m", "producer.cli", "run", str(photos), "--labels", "cat,dog", "--output", str(output), "--model", str(tiny_clip_dir), "--batch-size", "4"]
     before = service_processes()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=private_environment())
-    try:
-        _wait_for_first_shard(output, process)
+    with long_run(tmp_path, tiny_clip_dir, 200) as (process, _):
         process.send_signal(signal.SIGINT)
         time.sleep(0.2)
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
     assert process.returncode == 130
     assert processes_started_since(before) == set()
 
@@ -211,19 +213,8 @@ def test_worker_without_cuda_exits_1(redis_url: str, tiny_clip_dir: Path) -> Non
 
 
 def test_killed_run_stops_children(tmp_path: Path, tiny_clip_dir: Path) -> None:
-    photos = tmp_path / "many"
-    photos.mkdir()
-    for index in range(200):
-        shutil.copy(DATA / "coffee.jpg", photos / f"{index:04d}.jpg")
-    output = tmp_path / "out"
-    command = [sys.executable, "-m", "producer.cli", "run", str(photos), "--labels", "cat,dog", "--output", str(output), "--model", str(tiny_clip_dir), "--batch-size", "4"]
     before = service_processes()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=private_environment())
-    try:
-        _wait_for_first_shard(output, process)
+    with long_run(tmp_path, tiny_clip_dir, 200) as (process, _):
         process.kill()
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+        process.communicate(timeout=30)
     assert processes_started_since(before) == set()
