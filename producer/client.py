@@ -66,8 +66,8 @@ class Client:
     ) -> "Job":
         """Validate a job, list its source and enqueue one task per batch. Returns once every batch is enqueued.
 
-        Raises InvalidJobSpec for an invalid spec or a bucket outside CLIPFLEET_ALLOWED_BUCKETS, and
-        SourceError for a source that cannot be listed; in both cases nothing is enqueued.
+        Raises InvalidJobSpec for an invalid spec or a bucket outside CLIPFLEET_ALLOWED_BUCKETS. Raises
+        SourceError for a source that cannot be listed. Nothing is enqueued in either case.
         """
         spec = make_spec(self.settings, source, labels, output, templates, model, batch_size, top_k, extensions)
         return self.submit_spec(spec)

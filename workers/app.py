@@ -48,8 +48,8 @@ def check_model_available(**_: Any) -> None:
 def load_model_in_pool_process(**_: Any) -> None:
     """Load the default model in a freshly forked pool process, before it takes a task.
 
-    A pool process that cannot load the model (for example CLIPFLEET_DEVICE=cuda without a GPU) asks the
-    parent for a warm shutdown and exits, because every batch it took would fail.
+    A pool process that cannot load the model (for example CLIPFLEET_DEVICE=cuda without a GPU) sends the
+    parent SIGTERM (a warm shutdown) and exits, because every batch it took would fail.
     """
     from workers.model import ModelLoadError
     from workers.runtime import get_runtime
