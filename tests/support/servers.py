@@ -86,7 +86,7 @@ class RedisServer:
         try:
             self._launch_with_retries()
         except BaseException:
-            self.stop()  # removes a private data directory, which nobody could clean up later
+            self.stop()  # removes the private data directory, which the caller has no handle to delete
             raise
         return self
 
