@@ -1,7 +1,7 @@
 """Reading one image's bytes from S3 or a local folder, with the size limit checked before the whole read.
 
-Every failure that belongs to the image alone becomes an `ImageError` with a documented code, so one bad
-image never fails its batch.
+Every failure that belongs to the image alone becomes an `ImageError` with a documented code, which
+`workers.pipeline` writes as that image's error row instead of failing the batch.
 """
 
 from __future__ import annotations
