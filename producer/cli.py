@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {describe_settings_error(e)}", file=sys.stderr)
         return EXIT_USAGE
     except redis.exceptions.ConnectionError as e:
-        print(f"error: cannot reach Redis: {e}. Check CLIPFLEET_REDIS_URL and that the server is running", file=sys.stderr)
+        print(f"error: cannot reach Redis: {str(e).rstrip('.')}. Check CLIPFLEET_REDIS_URL and that the server is running", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
         # The reader of our output (for example `head`) went away; stop quietly as Unix tools do.
