@@ -97,7 +97,11 @@ def choose_dtype(setting: str, device: Any) -> Any:
 
 
 def load_model(name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load model, tokenizer and image processor through `from_pretrained`. Raises ModelLoadError."""
+    """Load model, tokenizer and image processor through `from_pretrained`. Raises ModelLoadError.
+
+    Weights load from safetensors files only, and no code from the checkpoint runs: pickle-based
+    `pytorch_model.bin` files can execute code when unpickled, and `trust_remote_code` stays off.
+    """
     import torch
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
@@ -105,8 +109,10 @@ def load_model(name: str, revision: str | None = None, device: str = "auto", dty
     path = resolve_checkpoint(name, revision)
     torch_device = choose_device(device)
     try:
-        model = CLIPModel.from_pretrained(path, dtype=torch.float32).to(torch_device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = CLIPModel.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        ).to(torch_device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         processor = CLIPImageProcessorPil.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model {name!r} at {path!r} could not be loaded: {e}") from e

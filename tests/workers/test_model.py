@@ -159,3 +159,16 @@ def test_load_model_without_weights(tiny_clip_dir: Path, tmp_path: Path) -> None
     with pytest.raises(ModelLoadError) as caught:
         load_model(str(folder), device="cpu", dtype="float32")
     assert str(folder) in str(caught.value)
+
+
+def test_load_model_rejects_pickle_weights(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickle-only"
+    shutil.copytree(tiny_clip_dir, folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(str(folder), device="cpu", dtype="float32")
+    assert "model.safetensors" in str(caught.value)
