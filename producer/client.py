@@ -14,12 +14,13 @@ import redis
 
 from producer.constants import STATE_CANCELLED
 from producer.errors import ClipfleetError, InvalidJobSpec
-from producer.messages import BatchMessage
+from producer.messages import BatchMessage, check_job_id
 from producer.queue import BatchSender, make_celery
+from producer.redact import redact_url
 from producer.results import finalize_job, iter_results, job_output
 from producer.settings import Settings
 from producer.sources import ListingStats, iter_source
-from producer.spec import JobSpec, build_spec
+from producer.spec import JobSpec, build_spec, check_label_count, find_long_prompts
 from producer.state import JobStatus, JobStore
 from producer.storage import Storage
 
@@ -42,7 +43,7 @@ class Client:
             self.store = JobStore.from_url(self.settings.redis_url)
         except ValueError as e:
             raise ClipfleetError(
-                f"CLIPFLEET_REDIS_URL={self.settings.redis_url!r} is not a valid Redis URL ({e}); "
+                f"CLIPFLEET_REDIS_URL={redact_url(self.settings.redis_url)!r} is not a valid Redis URL ({e}); "
                 "use the form redis://host:6379/0"
             ) from e
         self.storage = Storage(self.settings.s3_endpoint_url, timeout_s=self.settings.fetch_timeout_s)
@@ -66,17 +67,22 @@ class Client:
     ) -> "Job":
         """Validate a job, list its source and enqueue one task per batch. Returns once every batch is enqueued.
 
-        Raises InvalidJobSpec for an invalid spec or a bucket outside CLIPFLEET_ALLOWED_BUCKETS. Raises
-        SourceError for a source that cannot be listed. Nothing is enqueued in either case.
+        Raises InvalidJobSpec for an invalid spec, a bucket outside CLIPFLEET_ALLOWED_BUCKETS, more labels
+        than CLIPFLEET_MAX_LABELS, an output that cannot be written or a malformed manifest line. Raises
+        SourceError for a source that cannot be listed. Nothing is enqueued in any of these cases. Prompts
+        longer than the model's text context are only logged as warnings.
         """
         spec = make_spec(self.settings, source, labels, output, templates, model, batch_size, top_k, extensions)
         return self.submit_spec(spec)
 
     def submit_spec(self, spec: JobSpec) -> "Job":
-        """Enqueue a validated job; see `submit`. Raises StorageError when the output is not writable."""
+        """Enqueue a validated job; see `submit`.
+
+        Raises OutputNotWritable (a StorageError and an InvalidJobSpec) when the output is not writable.
+        """
         self.storage.check_writable(spec.output)
         stats = ListingStats()
-        uris = iter_source(spec.source, self.storage, spec.extensions, stats)
+        uris = iter_source(spec.source, self.storage, spec.extensions, stats, self.settings.allowed_buckets)
         first = _first_or_none(uris)
         job_id = new_job_id()
         self.store.create(job_id, spec)
@@ -89,11 +95,14 @@ class Client:
             raise
         if self.store.finish_listing(job_id, stats.listed, stats.skipped, batches):
             finalize_job(self.store, self.storage, job_id)
-        logger.info("Job %s enqueued: %d images in %d batches, %d skipped", job_id, stats.listed, batches, stats.skipped)
+        logger.info(
+            "Job %s enqueued: %d images in %d batches, %d skipped, %d repeated manifest entries dropped",
+            job_id, stats.listed, batches, stats.skipped, stats.duplicates,
+        )
         return Job(self, job_id)
 
     def job(self, job_id: str) -> "Job":
-        """Return the job with this id. Raises JobNotFound if Redis has no such job."""
+        """Return the job with this id. Raises InvalidJobId for an id of another form, JobNotFound if Redis has no such job."""
         self.store.state(job_id)
         return Job(self, job_id)
 
@@ -117,8 +126,9 @@ class Job:
     """A submitted job. Methods read Redis and object storage, so the object keeps no state of its own."""
 
     def __init__(self, client: Client, job_id: str) -> None:
+        """Raises InvalidJobId when `job_id` does not have the form `check_job_id` accepts."""
         self.client = client
-        self.id = job_id
+        self.id = check_job_id(job_id)
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -205,7 +215,10 @@ class _ProgressBar:
 
 
 def new_job_id() -> str:
-    """Return a new job id: UTC time to the second and 8 random hex digits, so ids sort by creation."""
+    """Return a new job id: UTC time to the second and 8 random hex digits, so ids sort by creation.
+
+    The form is `producer.messages.GENERATED_JOB_ID_RE`, for example 20260101-120000-0123abcd.
+    """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{uuid.uuid4().hex[:8]}"
 
@@ -225,9 +238,13 @@ def make_spec(
     top_k: int = 5,
     extensions: Sequence[str] | None = None,
 ) -> JobSpec:
-    """Validate a job, filling unset fields from `settings`. Raises InvalidJobSpec naming each invalid field,
-    or a bucket outside CLIPFLEET_ALLOWED_BUCKETS."""
+    """Validate a job, filling unset fields from `settings`, and log a warning for each prompt the model truncates.
+
+    Raises InvalidJobSpec naming each invalid field, more labels than CLIPFLEET_MAX_LABELS, or a bucket outside
+    CLIPFLEET_ALLOWED_BUCKETS.
+    """
     spec = build_spec(**_spec_fields(settings, source, labels, output, templates, model, batch_size, top_k, extensions))
+    check_label_count(spec, settings.max_labels)
     allowed = set(settings.allowed_buckets)
     outside = sorted(spec.buckets() - allowed) if allowed else []
     if outside:
@@ -235,6 +252,7 @@ def make_spec(
             f"bucket(s) {outside!r} are not in CLIPFLEET_ALLOWED_BUCKETS={sorted(allowed)!r}; "
             "add them to that setting or use an allowed bucket"
         )
+    find_long_prompts(spec)
     return spec
 
 

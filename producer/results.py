@@ -44,7 +44,8 @@ def iter_results(storage: Storage, spec: JobSpec, job_id: str) -> Iterator[dict[
     for name in storage.list_names(folder):
         if name.startswith("part-") and name.endswith(".jsonl"):
             text = storage.get_bytes(join_location(folder, name)).decode()
-            for line in text.splitlines():
+            # Split at "\n" only: rows hold U+2028 and U+0085 unescaped, and str.splitlines splits at both.
+            for line in text.split("\n"):
                 if line:
                     yield json.loads(line)
 

@@ -7,21 +7,36 @@ same source always yields the same batches.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from producer.errors import SourceError, StorageError
+from producer.errors import InvalidJobSpec, SourceError, StorageError
 from producer.storage import Storage
-from producer.uris import S3Uri, is_s3_uri, parse_location, parse_s3_uri
+from producer.uris import S3Uri, check_bucket_allowed, is_s3_uri, parse_location, parse_s3_uri
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".jsonl")
+
+# Longest URI or path a manifest line may hold, in UTF-8 bytes. Linux paths are at most 4,096 bytes
+# (PATH_MAX). S3 URIs are shorter: `s3://`, a bucket of at most 63 characters, `/` and a key of at most
+# 1,024 bytes, which `parse_s3_uri` checks on its own.
+MAX_MANIFEST_URI_BYTES = 4096
+# Repeated manifest entries are dropped while at most this many distinct URIs have been seen. Each is kept
+# as a 16-byte BLAKE2b digest, about 95 bytes per entry in a CPython 3.11 set (2 million took 187 MB,
+# measured with ru_maxrss). After that, duplicate checking stops with a warning.
+MAX_TRACKED_MANIFEST_URIS = 2_000_000
+MAX_EXAMPLES = 5
+
+
+class ManifestError(SourceError, InvalidJobSpec):
+    """A manifest line is malformed; the job is rejected before anything is enqueued."""
 
 
 @dataclass
@@ -31,11 +46,19 @@ class ListingStats:
     listed: int = 0
     skipped: int = 0
     skipped_examples: list[str] = field(default_factory=list)
+    duplicates: int = 0  # manifest entries dropped because the same URI came earlier
+    duplicate_examples: list[str] = field(default_factory=list)
+    duplicate_check_stopped: bool = False  # True once MAX_TRACKED_MANIFEST_URIS distinct URIs were seen
 
     def skip(self, uri: str) -> None:
         self.skipped += 1
-        if len(self.skipped_examples) < 5:
+        if len(self.skipped_examples) < MAX_EXAMPLES:
             self.skipped_examples.append(uri)
+
+    def drop_duplicate(self, uri: str) -> None:
+        self.duplicates += 1
+        if len(self.duplicate_examples) < MAX_EXAMPLES:
+            self.duplicate_examples.append(uri)
 
 
 def is_manifest(source: str) -> bool:
@@ -43,17 +66,23 @@ def is_manifest(source: str) -> bool:
 
 
 def iter_source(
-    source: str, storage: Storage, extensions: Iterable[str], stats: ListingStats | None = None
+    source: str,
+    storage: Storage,
+    extensions: Iterable[str],
+    stats: ListingStats | None = None,
+    allowed_buckets: Collection[str] = (),
 ) -> Iterator[str]:
     """Yield the image URIs of `source` whose extension is in `extensions` (compared case-insensitively).
 
     S3 sources yield `s3://` URIs with keys kept byte-exact; local sources yield absolute paths.
     Keys ending in `/` (folder markers) are dropped; other non-image keys are counted in `stats.skipped`.
-    Raises SourceError when the source cannot be read.
+    A manifest's repeated URIs are dropped and counted in `stats.duplicates` (see `iter_manifest`).
+    Raises SourceError when the source cannot be read, and ManifestError (a SourceError and an
+    InvalidJobSpec) when a manifest entry is invalid or outside a non-empty `allowed_buckets`.
     """
     stats = stats if stats is not None else ListingStats()
     suffixes = tuple(ext.lower() for ext in extensions)
-    for uri in _iter_raw(source, storage):
+    for uri in _iter_raw(source, storage, allowed_buckets, stats):
         if uri.endswith("/"):
             continue
         if not _is_utf8(uri):
@@ -76,10 +105,10 @@ def _is_utf8(uri: str) -> bool:
     return True
 
 
-def _iter_raw(source: str, storage: Storage) -> Iterator[str]:
+def _iter_raw(source: str, storage: Storage, allowed_buckets: Collection[str], stats: ListingStats) -> Iterator[str]:
     try:
         if is_manifest(source):
-            yield from iter_manifest(source, storage)
+            yield from iter_manifest(source, storage, allowed_buckets, stats)
             return
         location = parse_location(source)
         if isinstance(location, S3Uri):
@@ -116,27 +145,87 @@ def _walk_sorted(folder: Path) -> Iterator[str]:
             yield entry.path
 
 
-def iter_manifest(source: str, storage: Storage) -> Iterator[str]:
-    """Yield the URIs listed in a `.txt`, `.csv` or `.jsonl` manifest.
+def iter_manifest(
+    source: str, storage: Storage, allowed_buckets: Collection[str] = (), stats: ListingStats | None = None
+) -> Iterator[str]:
+    """Yield the URIs listed in a `.txt`, `.csv` or `.jsonl` manifest, each URI once.
 
-    `.txt`: one URI per line; blank lines and lines starting with `#` are ignored.
-    `.csv`: a header row with a `uri` column (otherwise the first column is used).
-    `.jsonl`: one object per line with a `uri` field.
-    Relative local paths are resolved against the manifest's folder. Raises SourceError on a malformed line.
+    `.txt`: one URI per line. `.jsonl`: one object per line with a `uri` field. In both, blank lines and
+    lines starting with `#` are ignored. `.csv`: a header row with a `uri` column (otherwise the first
+    column is used).
+    Relative local paths are resolved against the manifest's folder. A URI that came earlier in the
+    manifest is dropped and counted in `stats.duplicates`, while at most MAX_TRACKED_MANIFEST_URIS distinct
+    URIs have been seen. Raises ManifestError (a SourceError) on a malformed line, an invalid URI, an entry
+    over MAX_MANIFEST_URI_BYTES, an S3 key over 1,024 bytes or an S3 URI outside a non-empty
+    `allowed_buckets`. Every line is checked before the first URI is yielded, so a bad line fails the job
+    before anything is enqueued. The text is parsed twice for that but held in memory once.
     """
-    try:
-        text = storage.get_bytes(source).decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise SourceError(f"manifest {source!r} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    stats = stats if stats is not None else ListingStats()
+    text = _read_manifest(source, storage)
     base = None if is_s3_uri(source) else Path(source).parent
     suffix = source.lower().rsplit(".", 1)[-1]
-    readers = {"txt": _manifest_txt, "csv": _manifest_csv, "jsonl": _manifest_jsonl}
-    for line_number, raw in readers[suffix](text, source):
-        yield _check_manifest_uri(raw, source, line_number, base)
+    reader = {"txt": _manifest_txt, "csv": _manifest_csv, "jsonl": _manifest_jsonl}[suffix]
+    # The first pass only checks, so that no batch is enqueued before a bad line fails the listing.
+    for line_number, raw in reader(text, source):
+        _check_manifest_uri(raw, source, line_number, base, allowed_buckets)
+    seen = _SeenUris(source, stats)
+    for line_number, raw in reader(text, source):
+        uri = _check_manifest_uri(raw, source, line_number, base, allowed_buckets)
+        if seen.add(uri):
+            yield uri
+    seen.log_summary()
+
+
+def _read_manifest(source: str, storage: Storage) -> str:
+    try:
+        return storage.get_bytes(source).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"manifest {source!r} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+
+
+class _SeenUris:
+    """The distinct URIs of one manifest, kept as 16-byte digests up to MAX_TRACKED_MANIFEST_URIS entries."""
+
+    def __init__(self, manifest: str, stats: ListingStats) -> None:
+        self.manifest = manifest
+        self.stats = stats
+        self._digests: set[bytes] = set()
+
+    def add(self, uri: str) -> bool:
+        """Return True for a URI not seen before (or seen after tracking stopped), False for a repeat."""
+        if self.stats.duplicate_check_stopped:
+            return True
+        digest = hashlib.blake2b(uri.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if digest in self._digests:
+            self.stats.drop_duplicate(uri)
+            return False
+        if len(self._digests) >= MAX_TRACKED_MANIFEST_URIS:
+            self._stop_tracking()
+            return True
+        self._digests.add(digest)
+        return True
+
+    def _stop_tracking(self) -> None:
+        self.stats.duplicate_check_stopped = True
+        self._digests = set()
+        logger.warning(
+            "Manifest %s lists more than %d distinct URIs; repeats after that are not dropped, so they are "
+            "classified again and appear in the results more than once",
+            self.manifest, MAX_TRACKED_MANIFEST_URIS,
+        )
+
+    def log_summary(self) -> None:
+        if self.stats.duplicates:
+            logger.warning(
+                "Manifest %s lists %d URIs more than once; each repeat was dropped, so every image appears in "
+                "the results once. Examples: %s",
+                self.manifest, self.stats.duplicates, ", ".join(repr(uri) for uri in self.stats.duplicate_examples),
+            )
 
 
 def _manifest_txt(text: str, manifest: str) -> Iterator[tuple[int, str]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split at "\n" only: str.splitlines also splits at U+2028, U+0085 and other characters S3 keys may contain.
+    for number, line in enumerate(text.split("\n"), start=1):
         value = line.strip()
         if value and not value.startswith("#"):
             yield number, value
@@ -144,6 +233,15 @@ def _manifest_txt(text: str, manifest: str) -> Iterator[tuple[int, str]]:
 
 def _manifest_csv(text: str, manifest: str) -> Iterator[tuple[int, str]]:
     rows = csv.reader(io.StringIO(text))
+    try:
+        yield from _csv_uris(rows)
+    except csv.Error as e:
+        raise ManifestError(
+            f"{manifest} line {rows.line_num}: invalid CSV ({e}); an entry is at most {MAX_MANIFEST_URI_BYTES} bytes"
+        ) from e
+
+
+def _csv_uris(rows: Iterator[list[str]]) -> Iterator[tuple[int, str]]:
     header = next(rows, None)
     if header is None:
         return
@@ -160,33 +258,50 @@ def _manifest_csv(text: str, manifest: str) -> Iterator[tuple[int, str]]:
 
 
 def _manifest_jsonl(text: str, manifest: str) -> Iterator[tuple[int, str]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(text.split("\n"), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SourceError(f"{manifest} line {number} is not valid JSON: {e}") from e
+            raise ManifestError(f"{manifest} line {number} is not valid JSON: {e}") from e
         if not isinstance(record, dict) or not isinstance(record.get("uri"), str):
-            raise SourceError(f"{manifest} line {number} has no string field 'uri': {line[:100]!r}")
+            raise ManifestError(f"{manifest} line {number} has no string field 'uri': {line[:100]!r}")
         yield number, record["uri"]
 
 
-def _check_manifest_uri(value: str, manifest: str, line_number: int, base: Path | None) -> str:
+def _check_manifest_uri(
+    value: str, manifest: str, line_number: int, base: Path | None, allowed_buckets: Collection[str]
+) -> str:
+    _check_uri_length(value, manifest, line_number)
     if is_s3_uri(value):
         try:
-            parse_s3_uri(value)
+            check_bucket_allowed(parse_s3_uri(value), allowed_buckets)
         except ValueError as e:
-            raise SourceError(f"{manifest} line {line_number}: {e}") from e
+            raise ManifestError(f"{manifest} line {line_number}: {e}") from e
         return value
     if base is None:
-        raise SourceError(
+        raise ManifestError(
             f"{manifest} line {line_number}: {value[:100]!r} is not an s3:// URI; "
             "manifests stored in S3 must list s3://bucket/key URIs"
         )
     try:
         location = parse_location(value)
     except ValueError as e:
-        raise SourceError(f"{manifest} line {line_number}: {e}") from e
+        raise ManifestError(f"{manifest} line {line_number}: {e}") from e
     path = location if Path(value).is_absolute() else (base / value)
     return str(path)
+
+
+def _check_uri_length(value: str, manifest: str, line_number: int) -> None:
+    # A character is at most 4 UTF-8 bytes, so most values skip the encoding.
+    if len(value) * 4 <= MAX_MANIFEST_URI_BYTES:
+        return
+    size_bytes = len(value.encode("utf-8", "surrogatepass"))
+    if size_bytes > MAX_MANIFEST_URI_BYTES:
+        raise ManifestError(
+            f"{manifest} line {line_number}: the entry is {size_bytes} bytes, starting {value[:60]!r}; "
+            f"an entry is at most {MAX_MANIFEST_URI_BYTES} bytes (a local path or an S3 URI), so fix or remove that line"
+        )
+

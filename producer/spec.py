@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ from producer.constants import (
 )
 from producer.errors import InvalidJobSpec
 from producer.uris import S3Uri, parse_location
+
+logger = logging.getLogger(__name__)
 
 MAX_BATCH_SIZE = 4096
 MAX_TOP_K = 1000
@@ -135,9 +139,10 @@ def _clean_labels(raw: list[Any]) -> list[str]:
         if len(name) > MAX_LABEL_CHARS:
             raise ValueError(f"label {name[:40]!r}... has {len(name)} characters; the maximum is {MAX_LABEL_CHARS}")
         names.append(name)
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
-        raise ValueError(f"labels must be unique after stripping spaces; duplicated: {duplicates!r}")
+        listed = repr(duplicates[:10]) + (f" and {len(duplicates) - 10} more" if len(duplicates) > 10 else "")
+        raise ValueError(f"labels must be unique after stripping spaces; duplicated: {listed}")
     return names
 
 
@@ -160,17 +165,28 @@ def build_spec(**fields: Any) -> JobSpec:
     except ValidationError as e:
         raise InvalidJobSpec(_describe(e)) from e
     if spec.source == spec.output:
-        raise InvalidJobSpec(f"invalid job spec:\n  output: {spec.output!r} must differ from the source")
+        raise InvalidJobSpec(f"invalid job spec: output: {spec.output!r} must differ from the source")
     return spec
 
 
+def check_label_count(spec: JobSpec, max_labels: int) -> None:
+    """Raise InvalidJobSpec when the job has more than `max_labels` labels (the CLIPFLEET_MAX_LABELS setting)."""
+    count = len(spec.labels)
+    if count > max_labels:
+        raise InvalidJobSpec(
+            f"invalid job spec: labels: the job has {count} labels; the maximum is {max_labels}. "
+            "Split the labels over several jobs, or raise CLIPFLEET_MAX_LABELS"
+        )
+
+
 def _describe(error: ValidationError) -> str:
-    lines = ["invalid job spec:"]
+    """Return one line that names each invalid field, the problem and the value, so a CLI prints one line."""
+    problems = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "spec"
         message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"  {field}: {message} (got {_short(item.get('input'))})")
-    return "\n".join(lines)
+        problems.append(f"{field}: {message} (got {_short(item.get('input'))})")
+    return "invalid job spec: " + "; ".join(problems)
 
 
 def _short(value: Any) -> str:
@@ -184,3 +200,111 @@ def local_root(spec: JobSpec) -> Path | None:
         return None
     path = Path(spec.source)
     return path if path.is_dir() else path.parent
+
+
+# Prompt length check. The workers' tokenizer truncates prompts longer than the text tower's context, so the
+# producer warns at submit. It reads `tokenizer.json` with the `tokenizers` package, which does not import
+# torch or transformers. It never downloads, so the worker alone checks a model that is neither a local
+# directory nor in the Hugging Face cache.
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+MODEL_CONFIG_FILE = "config.json"
+MAX_PROMPT_WARNINGS = 20
+# transformers stores a huge placeholder model_max_length when a tokenizer has no limit of its own.
+_NO_LIMIT_TOKENS = 1_000_000
+
+
+def find_long_prompts(spec: JobSpec) -> list[tuple[str, str, int]]:
+    """Log a warning for each prompt that the model's tokenizer would truncate, and return them.
+
+    Returns `(label, prompt, token_count)` tuples, where the count includes the start and end tokens.
+    Returns an empty list, and logs at debug level, when the tokenizer files are not found locally.
+    """
+    files = _tokenizer_files(spec.model, spec.model_revision)
+    max_tokens = _max_prompt_tokens(files) if files else None
+    if files is None or TOKENIZER_FILE not in files or max_tokens is None:
+        logger.debug("No local %s or length limit for model %r; the worker checks prompt lengths", TOKENIZER_FILE, spec.model)
+        return []
+    counts = _count_tokens(files[TOKENIZER_FILE], spec.prompts)
+    if counts is None:
+        return []
+    long_prompts = [(label, prompt, tokens) for label, prompt, tokens in counts if tokens > max_tokens]
+    _log_long_prompts(long_prompts, max_tokens)
+    return long_prompts
+
+
+def _log_long_prompts(long_prompts: list[tuple[str, str, int]], max_tokens: int) -> None:
+    for label, prompt, tokens in long_prompts[:MAX_PROMPT_WARNINGS]:
+        logger.warning(
+            "Label %r: prompt %r has %d tokens; the model reads at most %d, so the worker truncates it. "
+            "Shorten the label or the template",
+            label, _clip(prompt), tokens, max_tokens,
+        )
+    if len(long_prompts) > MAX_PROMPT_WARNINGS:
+        logger.warning("%d more prompts are longer than %d tokens and will be truncated", len(long_prompts) - MAX_PROMPT_WARNINGS, max_tokens)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _tokenizer_files(model: str, revision: str | None) -> dict[str, Path] | None:
+    """Return the local paths of the tokenizer and config files that exist, from a folder or the hub cache."""
+    names = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, MODEL_CONFIG_FILE)
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return {name: folder / name for name in names if (folder / name).is_file()}
+    if model.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = {}
+    for name in names:
+        try:
+            path = try_to_load_from_cache(model, name, revision=revision)
+        except ValueError:  # huggingface_hub's HFValidationError: the name is not a valid hub id
+            return None
+        if isinstance(path, str):  # otherwise None (not cached) or a marker that the file is absent
+            found[name] = Path(path)
+    return found
+
+
+def _max_prompt_tokens(files: dict[str, Path]) -> int | None:
+    """Return the smaller of the tokenizer's model_max_length and the text tower's position embeddings."""
+    limits = []
+    tokenizer_config = _read_json(files.get(TOKENIZER_CONFIG_FILE))
+    model_max_length = tokenizer_config.get("model_max_length")
+    if isinstance(model_max_length, int) and 0 < model_max_length < _NO_LIMIT_TOKENS:
+        limits.append(model_max_length)
+    text_config = _read_json(files.get(MODEL_CONFIG_FILE)).get("text_config") or {}
+    positions = text_config.get("max_position_embeddings") if isinstance(text_config, dict) else None
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    return min(limits) if limits else None
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        logger.debug("Cannot read %s (%s); the worker checks prompt lengths", path, e)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _count_tokens(tokenizer_path: Path, prompts: dict[str, list[str]]) -> list[tuple[str, str, int]] | None:
+    """Return `(label, prompt, tokens)` for every prompt, or None when the tokenizer file cannot be loaded."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as e:  # tokenizers raises a plain Exception for unreadable or unsupported files
+        logger.debug("Cannot load %s (%s); the worker checks prompt lengths", tokenizer_path, e)
+        return None
+    tokenizer.no_truncation()
+    pairs = [(label, prompt) for label, label_prompts in prompts.items() for prompt in label_prompts]
+    encodings = tokenizer.encode_batch([prompt for _, prompt in pairs])
+    return [(label, prompt, len(encoding.ids)) for (label, prompt), encoding in zip(pairs, encodings)]

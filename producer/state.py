@@ -27,6 +27,7 @@ from producer.constants import (
     STATE_SUCCEEDED,
 )
 from producer.errors import JobNotFound
+from producer.messages import check_job_id
 from producer.spec import JobSpec
 
 # KEYS: job hash, batch set. ARGV: batch number, succeeded, failed, now.
@@ -88,7 +89,11 @@ class JobStatus:
 
 
 class JobStore:
-    """Reads and writes job state in Redis. Safe to share between threads (redis-py pools connections)."""
+    """Reads and writes job state in Redis. Safe to share between threads (redis-py pools connections).
+
+    Every method that takes a job id raises InvalidJobId (see `producer.messages.check_job_id`) for an id
+    of another form, before any key is built from it.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
@@ -114,7 +119,7 @@ class JobStore:
             "succeeded": "0",
             "failed": "0",
         }
-        key = JOB_KEY.format(job_id=job_id)
+        key = _job_key(job_id)
         with self.redis.pipeline() as pipe:
             pipe.hset(key, mapping=fields)
             pipe.zadd(JOBS_INDEX_KEY, {job_id: time.time()})
@@ -122,38 +127,38 @@ class JobStore:
 
     def add_listed(self, job_id: str, images: int) -> None:
         """Add enqueued images to the running count shown while listing goes on."""
-        self.redis.hincrby(JOB_KEY.format(job_id=job_id), "listed", images)
+        self.redis.hincrby(_job_key(job_id), "listed", images)
 
     def finish_listing(self, job_id: str, images: int, skipped: int, batches: int) -> bool:
         """Record the final totals. Returns True when every batch had already finished, so the caller finalizes."""
-        return bool(self._finish(keys=[JOB_KEY.format(job_id=job_id)], args=[images, skipped, batches]))
+        return bool(self._finish(keys=[_job_key(job_id)], args=[images, skipped, batches]))
 
     def record_batch(self, job_id: str, batch: int, succeeded: int, failed: int) -> tuple[bool, bool]:
         """Count a finished batch once. Returns `(counted, completed_job)`; a repeat returns `(False, False)`."""
-        keys = [JOB_KEY.format(job_id=job_id), JOB_BATCHES_KEY.format(job_id=job_id)]
+        keys = [_job_key(job_id), _job_key(job_id, JOB_BATCHES_KEY)]
         counted, completed = self._record(keys=keys, args=[batch, succeeded, failed, repr(time.time())])
         return bool(counted), bool(completed)
 
     def is_batch_done(self, job_id: str, batch: int) -> bool:
-        return bool(self.redis.sismember(JOB_BATCHES_KEY.format(job_id=job_id), batch))
+        return bool(self.redis.sismember(_job_key(job_id, JOB_BATCHES_KEY), batch))
 
     def count_delivery(self, job_id: str, batch: int) -> int:
         """Count one more delivery of a batch and return how many there have been, this one included."""
-        return int(self.redis.hincrby(JOB_ATTEMPTS_KEY.format(job_id=job_id), str(batch), 1))
+        return int(self.redis.hincrby(_job_key(job_id, JOB_ATTEMPTS_KEY), str(batch), 1))
 
     def claim_finalization(self, job_id: str) -> bool:
         """Return True to exactly one caller per job: the one that writes the success marker."""
-        return bool(self.redis.set(JOB_FINALIZED_KEY.format(job_id=job_id), "1", nx=True))
+        return bool(self.redis.set(_job_key(job_id, JOB_FINALIZED_KEY), "1", nx=True))
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
-        self.redis.hset(JOB_KEY.format(job_id=job_id), mapping={k: str(v) for k, v in fields.items()})
+        self.redis.hset(_job_key(job_id), mapping={k: str(v) for k, v in fields.items()})
 
     def mark_batch_started(self, job_id: str) -> None:
         """Record the job's start time once, and move a queued job to running."""
-        self._start(keys=[JOB_KEY.format(job_id=job_id)], args=[repr(time.time())])
+        self._start(keys=[_job_key(job_id)], args=[repr(time.time())])
 
     def set_field_once(self, job_id: str, name: str, value: str) -> None:
-        self.redis.hsetnx(JOB_KEY.format(job_id=job_id), name, value)
+        self.redis.hsetnx(_job_key(job_id), name, value)
 
     def fail(self, job_id: str, error: str) -> None:
         """Mark a job failed with the error that ends it, unless it already ended."""
@@ -172,7 +177,7 @@ class JobStore:
         return True
 
     def state(self, job_id: str) -> str:
-        state = self.redis.hget(JOB_KEY.format(job_id=job_id), "state")
+        state = self.redis.hget(_job_key(job_id), "state")
         if state is None:
             raise JobNotFound(f"job {job_id!r} not found in Redis; check the id and CLIPFLEET_REDIS_URL")
         return state.decode()
@@ -184,7 +189,7 @@ class JobStore:
         return self._fields(job_id)
 
     def _fields(self, job_id: str) -> dict[str, str]:
-        raw = self.redis.hgetall(JOB_KEY.format(job_id=job_id))
+        raw = self.redis.hgetall(_job_key(job_id))
         if not raw:
             raise JobNotFound(f"job {job_id!r} not found in Redis; check the id and CLIPFLEET_REDIS_URL")
         return {key.decode(): value.decode() for key, value in raw.items()}
@@ -217,6 +222,11 @@ class JobStore:
 
     def listed(self, job_id: str) -> int:
         return int(self._fields(job_id)["listed"])
+
+
+def _job_key(job_id: str, template: str = JOB_KEY) -> str:
+    """Return the Redis key of `template` for a job. Raises InvalidJobId before an invalid id reaches a key."""
+    return template.format(job_id=check_job_id(job_id))
 
 
 def _float_or_none(value: str | None) -> float | None:

@@ -14,10 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from producer.errors import StorageError
+from producer.errors import InvalidJobSpec, StorageError
 from producer.uris import S3Uri, parse_location
 
 logger = logging.getLogger(__name__)
+
+
+class OutputNotWritable(StorageError, InvalidJobSpec):
+    """The write probe under a job's output failed, so the job is rejected before anything is enqueued."""
 
 
 class Storage:
@@ -92,13 +96,18 @@ class Storage:
     def check_writable(self, location: str) -> None:
         """Write and delete a small probe object under `location`, so an unwritable output fails before a job starts.
 
-        Raises StorageError naming the location. A probe that cannot be deleted is only logged.
+        Raises OutputNotWritable naming the location, the cause and the fix. A probe that cannot be deleted
+        is only logged.
         """
         probe = join_location(location, f".clipfleet-write-check-{uuid.uuid4().hex}")
         try:
             self.put_bytes(probe, b"")
         except StorageError as e:
-            raise StorageError(f"output {location!r} is not writable: {e.__cause__ or e}") from e
+            if isinstance(parse_location(location), S3Uri):
+                fix = "check that the bucket exists and that these AWS credentials may write to it"
+            else:
+                fix = "check that the path is a folder, or can be created as one, and that this user may write to it"
+            raise OutputNotWritable(f"output {location!r} is not writable: {e.__cause__ or e}; {fix}") from e
         try:
             self.delete(probe)
         except StorageError as e:

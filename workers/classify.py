@@ -6,6 +6,7 @@ the labels. A label with several prompts uses the normalised mean of its normali
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,12 @@ import torch
 
 from workers.model import LoadedModel
 
+logger = logging.getLogger(__name__)
+
 TEXT_BATCH_SIZE = 256
+MAX_TRUNCATION_WARNINGS = 20
+# transformers stores a huge placeholder model_max_length when a tokenizer has no limit of its own.
+_NO_LIMIT_TOKENS = 1_000_000
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -29,8 +35,10 @@ def _normalise(features: torch.Tensor) -> torch.Tensor:
 def encode_prompts(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
     """Return L2-normalised float32 text embeddings, `[len(prompts), dim]`, on the CPU.
 
-    Prompts longer than the model's context (77 tokens for CLIP) are truncated.
+    Prompts longer than the model's text context (77 tokens for OpenAI's CLIP checkpoints) are truncated,
+    and each truncated prompt is logged as a warning.
     """
+    warn_truncated_prompts(loaded, prompts)
     chunks = []
     for start in range(0, len(prompts), TEXT_BATCH_SIZE):
         tokens = loaded.tokenizer(
@@ -39,6 +47,37 @@ def encode_prompts(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
         features = _pooled(loaded.model.get_text_features(**tokens)).float()  # [chunk, dim]
         chunks.append(_normalise(features).cpu())
     return torch.cat(chunks)
+
+
+def max_prompt_tokens(loaded: LoadedModel) -> int | None:
+    """Return the most tokens the text tower reads: the tokenizer's and the position embeddings' smaller limit."""
+    limits = []
+    tokenizer_limit = getattr(loaded.tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < _NO_LIMIT_TOKENS:
+        limits.append(tokenizer_limit)
+    text_config = getattr(loaded.model.config, "text_config", None)
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    return min(limits) if limits else None
+
+
+def warn_truncated_prompts(loaded: LoadedModel, prompts: list[str]) -> list[tuple[str, int]]:
+    """Log a warning for each prompt longer than `max_prompt_tokens`, and return `(prompt, token_count)` pairs.
+
+    Counts include the start and end tokens. At most MAX_TRUNCATION_WARNINGS prompts are logged one by one.
+    """
+    max_tokens = max_prompt_tokens(loaded)
+    if max_tokens is None or not prompts:
+        return []
+    counts = [len(ids) for ids in loaded.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
+    long_prompts = [(prompt, count) for prompt, count in zip(prompts, counts) if count > max_tokens]
+    for prompt, count in long_prompts[:MAX_TRUNCATION_WARNINGS]:
+        quoted = prompt if len(prompt) <= 100 else prompt[:97] + "..."
+        logger.warning("Prompt %r has %d tokens; it is truncated to the model's %d", quoted, count, max_tokens)
+    if len(long_prompts) > MAX_TRUNCATION_WARNINGS:
+        logger.warning("%d more prompts are truncated to %d tokens", len(long_prompts) - MAX_TRUNCATION_WARNINGS, max_tokens)
+    return long_prompts
 
 
 def label_embeddings(loaded: LoadedModel, prompts: dict[str, list[str]]) -> torch.Tensor:

@@ -28,16 +28,19 @@ TRANSIENT_ERRORS = (StorageError, redis.exceptions.ConnectionError, redis.except
     retry_backoff_max=120,
     retry_jitter=True,
 )
-def classify_batch(payload: dict[str, Any]) -> dict[str, Any]:
-    """Classify one batch. Any exception retries the batch with exponential backoff and jitter; the delivery
-    cap in `process_batch` records the batch's images as failed once retries run out."""
+def classify_batch(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Classify one batch, sent as one positional argument: the JSON object of a `BatchMessage`.
+
+    A message of another shape (other arguments, missing or mistyped fields, an invalid job id) is logged as
+    an error and acknowledged without a retry, because no retry can fix it. Any exception while processing
+    retries the batch with exponential backoff and jitter. Once retries run out, the delivery cap in
+    `process_batch` records the batch's images as failed.
+    """
     from workers.pipeline import process_batch
     from workers.runtime import get_runtime
 
-    try:
-        message = BatchMessage.model_validate(payload)
-    except ValidationError as e:
-        logger.error("Dropped a malformed batch message: %s", e)
+    message = parse_message(args, kwargs)
+    if message is None:
         return {"status": "invalid_message"}
     try:
         outcome = process_batch(get_runtime(), message)
@@ -48,3 +51,36 @@ def classify_batch(payload: dict[str, Any]) -> dict[str, Any]:
         logger.exception("Job %s batch %d failed unexpectedly and will be retried", message.job_id, message.batch)
         raise
     return {"status": outcome.status, "succeeded": outcome.succeeded, "failed": outcome.failed}
+
+
+def parse_message(args: tuple[Any, ...], kwargs: dict[str, Any]) -> BatchMessage | None:
+    """Return the validated message of a task call, or None after logging why it is invalid."""
+    if len(args) != 1 or kwargs:
+        logger.error(
+            "Dropped a batch message with %d positional and %d keyword arguments (%s); expected one JSON object",
+            len(args), len(kwargs), _shorten(repr(sorted(kwargs))),
+        )
+        return None
+    payload = args[0]
+    try:
+        return BatchMessage.model_validate(payload)
+    except ValidationError as e:
+        job_id = payload.get("job_id") if isinstance(payload, dict) else None
+        batch = payload.get("batch") if isinstance(payload, dict) else None
+        logger.error(
+            "Dropped a malformed batch message (job id %s, batch %s): %s",
+            _shorten(repr(job_id)), _shorten(repr(batch)), _describe_errors(e),
+        )
+        return None
+
+
+def _describe_errors(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "message"
+        problems.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -13,8 +13,8 @@ import pytest
 from botocore.client import BaseClient
 
 from producer.constants import DEFAULT_IMAGE_EXTENSIONS
-from producer.errors import SourceError
-from producer.sources import ListingStats, iter_source
+from producer.errors import InvalidJobSpec, SourceError
+from producer.sources import ListingStats, ManifestError, iter_source
 from producer.storage import Storage
 from producer.uris import parse_s3_uri
 
@@ -394,3 +394,109 @@ def test_non_utf8_file_name_skipped(tmp_path: Path) -> None:
     uris = list(iter_source(str(folder), Storage(), DEFAULT_IMAGE_EXTENSIONS, stats))
     assert uris == [str(folder / "good.jpg")]
     assert stats.skipped == 1
+
+
+# --- manifest validation: comments, repeats and entry length ---------------------------------------
+
+DUPLICATED_MANIFEST = "s3://photos/a.jpg\ns3://photos/b.jpg\ns3://photos/a.jpg\n\n# comment\ns3://photos/c.jpg\ns3://photos/b.jpg\ns3://photos/a.jpg\n"
+
+
+def test_jsonl_skips_blank_and_comment_lines(place_manifest: Callable[[str, str], str], storage: Storage) -> None:
+    source = place_manifest("list.jsonl", '# exported 2026-01-01\n{"uri": "s3://photos/a.jpg"}\n   \n  # note\n{"uri": "s3://photos/b.jpg"}\n')
+
+    assert list_uris(source, storage) == ["s3://photos/a.jpg", "s3://photos/b.jpg"]
+
+
+def test_manifest_repeats_dropped(
+    place_manifest: Callable[[str, str], str], storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = place_manifest("list.txt", DUPLICATED_MANIFEST)
+    stats = ListingStats()
+
+    with caplog.at_level(logging.WARNING, logger="producer.sources"):
+        uris = list_uris(source, storage, stats=stats)
+
+    assert uris == ["s3://photos/a.jpg", "s3://photos/b.jpg", "s3://photos/c.jpg"]
+    assert stats.listed == 3
+    assert stats.duplicates == 3
+    assert stats.duplicate_examples == ["s3://photos/a.jpg", "s3://photos/b.jpg", "s3://photos/a.jpg"]
+    assert stats.skipped == 0
+    warnings = [record.getMessage() for record in caplog.records if "more than once" in record.getMessage()]
+    assert len(warnings) == 1
+    assert "3 URIs more than once" in warnings[0]
+
+
+def test_manifest_relative_and_absolute_repeat_dropped(tmp_path: Path, storage: Storage) -> None:
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"photos/a.jpg\n{tmp_path / 'photos' / 'a.jpg'}\n", encoding="utf-8")
+    stats = ListingStats()
+
+    uris = list_uris(str(manifest), storage, stats=stats)
+
+    assert uris == [str(tmp_path / "photos" / "a.jpg")]
+    assert stats.duplicates == 1
+
+
+def test_manifest_repeat_tracking_stops_at_cap(
+    tmp_path: Path, storage: Storage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("producer.sources.MAX_TRACKED_MANIFEST_URIS", 2)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("s3://photos/a.jpg\ns3://photos/a.jpg\ns3://photos/b.jpg\ns3://photos/c.jpg\ns3://photos/a.jpg\n", encoding="utf-8")
+    stats = ListingStats()
+
+    with caplog.at_level(logging.WARNING, logger="producer.sources"):
+        uris = list_uris(str(manifest), storage, stats=stats)
+
+    assert uris == ["s3://photos/a.jpg", "s3://photos/b.jpg", "s3://photos/c.jpg", "s3://photos/a.jpg"]
+    assert stats.duplicates == 1
+    assert stats.duplicate_check_stopped is True
+    assert any("more than 2 distinct URIs" in record.getMessage() for record in caplog.records)
+
+
+MEGABYTE_KEY = "k" * (1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "line"),
+    [
+        pytest.param("list.txt", f"s3://photos/a.jpg\n\ns3://photos/{MEGABYTE_KEY}.jpg\n", 3, id="txt"),
+        pytest.param("list.jsonl", f'{{"uri": "s3://photos/a.jpg"}}\n{{"uri": "s3://photos/{MEGABYTE_KEY}.jpg"}}\n', 2, id="jsonl"),
+        pytest.param("list.csv", f"uri\ns3://photos/a.jpg\ns3://photos/{MEGABYTE_KEY}.jpg\n", 3, id="csv"),
+    ],
+)
+def test_megabyte_manifest_line_rejected(
+    place_manifest: Callable[[str, str], str], storage: Storage, name: str, text: str, line: int
+) -> None:
+    source = place_manifest(name, text)
+
+    with pytest.raises(ManifestError, match=rf"{name} line {line}: .*4096 bytes") as raised:
+        list_uris(source, storage)
+
+    assert isinstance(raised.value, InvalidJobSpec)
+    assert len(str(raised.value)) < 400
+
+
+def test_manifest_s3_key_over_limit_rejected(tmp_path: Path, storage: Storage) -> None:
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("s3://photos/a.jpg\ns3://photos/" + "k" * 1021 + ".jpg\n", encoding="utf-8")
+
+    with pytest.raises(ManifestError, match=r"list.txt line 2: the key of .* has 1025 UTF-8 bytes; S3 keys have at most 1024"):
+        list_uris(str(manifest), storage)
+
+
+def test_manifest_s3_key_at_limit_accepted(tmp_path: Path, storage: Storage) -> None:
+    manifest = tmp_path / "list.txt"
+    uri = "s3://photos/" + "k" * 1020 + ".jpg"
+    manifest.write_text(uri + "\n", encoding="utf-8")
+
+    assert list_uris(str(manifest), storage) == [uri]
+
+
+def test_manifest_bad_line_raises_before_first_uri(tmp_path: Path, storage: Storage) -> None:
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("s3://photos/a.jpg\ns3://Bad_Bucket/b.jpg\n", encoding="utf-8")
+    uris = iter_source(str(manifest), storage, DEFAULT_IMAGE_EXTENSIONS)
+
+    with pytest.raises(ManifestError, match="line 2"):
+        next(uris)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from producer.errors import InvalidJobSpec
-from producer.spec import JobSpec, build_spec
+from producer.spec import JobSpec, build_spec, check_label_count, find_long_prompts
 
 SOURCE = "s3://photos/2026/"
 OUTPUT = "s3://results/"
@@ -221,3 +224,92 @@ def test_buckets_of_source_and_output() -> None:
     spec = build_spec(**spec_fields(source="s3://photos/2026/", output="s3://results/run/"))
 
     assert spec.buckets() == {"photos", "results"}
+
+
+# --- label count and prompt length -----------------------------------------------------------------
+
+def test_label_count_at_limit_accepted() -> None:
+    spec = build_spec(**spec_fields(labels=[f"label {i}" for i in range(20_000)]))
+
+    check_label_count(spec, 20_000)
+
+    assert len(spec.labels) == 20_000
+
+
+def test_label_count_over_limit_rejected() -> None:
+    spec = build_spec(**spec_fields(labels=[f"label {i}" for i in range(50_000)]))
+
+    with pytest.raises(InvalidJobSpec) as caught:
+        check_label_count(spec, 20_000)
+
+    message = str(caught.value)
+    assert "50000 labels" in message
+    assert "maximum is 20000" in message
+    assert "CLIPFLEET_MAX_LABELS" in message
+
+
+def test_duplicate_labels_found_among_many() -> None:
+    labels = [f"label {i}" for i in range(50_000)] + ["label 7 "]
+
+    message = rejection_message(labels=labels)
+
+    assert "duplicated: ['label 7']" in message
+
+
+LONG_LABEL = "x" * 80  # one token per character in the tiny checkpoint's merge-free vocabulary
+
+
+def test_long_prompt_warned(tiny_clip_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spec = build_spec(**spec_fields(labels=["cat", LONG_LABEL], model=str(tiny_clip_dir)))
+
+    with caplog.at_level(logging.WARNING, logger="producer.spec"):
+        long_prompts = find_long_prompts(spec)
+
+    # "a photo of a xxx...x." is 9 letters without spaces, 80 x, a period, then start and end tokens.
+    assert long_prompts == [(LONG_LABEL, f"a photo of a {LONG_LABEL}.", 92)]
+    assert len(caplog.records) == 1
+    assert f"Label {LONG_LABEL!r}" in caplog.records[0].getMessage()
+    assert "92 tokens" in caplog.records[0].getMessage()
+    assert "at most 77" in caplog.records[0].getMessage()
+
+
+def test_prompt_at_limit_not_warned(tiny_clip_dir: Path) -> None:
+    label = "x" * 65  # 9 + 65 + 1 + 2 = 77 tokens
+    spec = build_spec(**spec_fields(labels=[label], model=str(tiny_clip_dir)))
+
+    assert find_long_prompts(spec) == []
+
+
+def test_prompt_limit_read_from_config(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_clip_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 16
+    (model / "config.json").write_text(json.dumps(config))
+    spec = build_spec(**spec_fields(labels=["cat", "xxxxx"], model=str(model)))
+
+    # "a photo of a cat." is 9 + 3 + 1 + 2 = 15 tokens; with "xxxxx" it is 17.
+    assert find_long_prompts(spec) == [("xxxxx", "a photo of a xxxxx.", 17)]
+
+
+def test_prompt_check_skipped_without_tokenizer(tiny_clip_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_clip_dir, model)
+    (model / "tokenizer.json").unlink()
+    spec = build_spec(**spec_fields(labels=[LONG_LABEL], model=str(model)))
+
+    with caplog.at_level(logging.DEBUG, logger="producer.spec"):
+        long_prompts = find_long_prompts(spec)
+
+    assert long_prompts == []
+    assert any("the worker checks prompt lengths" in record.getMessage() for record in caplog.records)
+
+
+def test_prompt_check_skipped_for_uncached_hub_model(caplog: pytest.LogCaptureFixture) -> None:
+    spec = build_spec(**spec_fields(labels=[LONG_LABEL], model="clipfleet-tests/model-not-in-cache"))
+
+    with caplog.at_level(logging.DEBUG, logger="producer.spec"):
+        long_prompts = find_long_prompts(spec)
+
+    assert long_prompts == []
+    assert any("the worker checks prompt lengths" in record.getMessage() for record in caplog.records)
