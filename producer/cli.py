@@ -20,8 +20,9 @@ from pydantic import ValidationError
 
 from producer.client import Client, Job, make_spec
 from producer.errors import ClipfleetError, InvalidJobSpec
+from producer.redact import redact_url
 from producer.settings import Settings
-from producer.spec import JobSpec
+from producer.spec import JobSpec, local_root
 from producer.state import JobStatus
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# Settings whose values may contain a password, so error messages show them through redact_url.
+URL_SETTINGS = ("redis_url", "s3_endpoint_url")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,8 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as e:
         print(f"error: {describe_settings_error(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except redis.exceptions.AuthenticationError as e:
+        print(
+            f"error: Redis{_redis_location()} rejected the credentials: {str(e).rstrip('.')}. Check the user name and "
+            "password in CLIPFLEET_REDIS_URL, and percent-encode any of : / ? # @ % in them",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     except redis.exceptions.ConnectionError as e:
-        print(f"error: cannot reach Redis: {str(e).rstrip('.')}. Check CLIPFLEET_REDIS_URL and that the server is running", file=sys.stderr)
+        print(f"error: cannot reach Redis{_redis_location()}: {str(e).rstrip('.')}. Check CLIPFLEET_REDIS_URL and that the server is running", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
         # The reader of our output (for example `head`) went away; stop quietly as Unix tools do.
@@ -64,12 +74,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def describe_settings_error(error: ValidationError) -> str:
-    """Name each invalid `CLIPFLEET_*` variable with its value and the problem."""
+    """Name each invalid `CLIPFLEET_*` variable with its value and the problem. URL values are redacted."""
     parts = []
     for item in error.errors():
         name = "CLIPFLEET_" + "_".join(str(part) for part in item["loc"]).upper()
-        parts.append(f"{name}={item.get('input')!r} is invalid: {item['msg']}")
+        value = item.get("input")
+        if item["loc"] and item["loc"][0] in URL_SETTINGS and isinstance(value, str):
+            value = redact_url(value)
+        parts.append(f"{name}={value!r} is invalid: {item['msg']}")
     return "; ".join(parts)
+
+
+def _redis_location() -> str:
+    """Return " at URL" for the CLIPFLEET_REDIS_URL of the environment, redacted, or "" when it is unset."""
+    url = os.environ.get("CLIPFLEET_REDIS_URL")
+    return f" at {redact_url(url)}" if url else ""
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
@@ -180,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return cmd_submit(args, wait=True)
     spec = _spec(settings, args)  # invalid input fails before any process starts
     started = time.monotonic()
-    with EmbeddedStack(spec.model) as stack:
+    with EmbeddedStack(spec.model, local_roots=_local_folders(spec)) as stack:
         client = Client(settings.model_copy(update={"redis_url": stack.redis_url}))
         job = client.submit_spec(spec)
         try:
@@ -190,6 +209,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         _print_summary(job, status, time.monotonic() - started)
     return _exit_code(status)
+
+
+def _local_folders(spec: JobSpec) -> list[str]:
+    """Return the job's local source folder and local output folder, the only ones its worker may use."""
+    folders = [] if spec.source_is_s3 else [str(local_root(spec))]
+    if not spec.output_is_s3:
+        folders.append(spec.output)
+    return folders
 
 
 def _cancel_quietly(job: Job) -> None:

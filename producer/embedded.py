@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import importlib.util
 import logging
 import os
@@ -16,12 +17,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import redis
 
 from producer.errors import EmbeddedServerError
+from producer.redact import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +112,10 @@ class ManagedProcess:
 class EmbeddedStack:
     """A private Redis server on 127.0.0.1 and one worker process. Use as a context manager."""
 
-    def __init__(self, model: str, workdir: Path | None = None) -> None:
+    def __init__(self, model: str, workdir: Path | None = None, local_roots: Sequence[str] = ()) -> None:
+        """`local_roots` are the local folders the worker may read images from and write results to."""
         self.model = model
+        self.local_roots = list(local_roots)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="clipfleet-"))
         self.redis: ManagedProcess | None = None
         self.worker: ManagedProcess | None = None
@@ -130,11 +134,16 @@ class EmbeddedStack:
 
     def start(self) -> None:
         self.redis, self.redis_url = start_redis(self.workdir)
-        logger.info("Started a private Redis at %s", self.redis_url)
+        logger.info("Started a private Redis at %s", redact_url(self.redis_url))
         self.worker = self._start_worker()
 
     def _start_worker(self) -> ManagedProcess:
-        env = dict(os.environ, CLIPFLEET_REDIS_URL=self.redis_url, CLIPFLEET_MODEL=self.model)
+        env = dict(
+            os.environ,
+            CLIPFLEET_REDIS_URL=self.redis_url,
+            CLIPFLEET_MODEL=self.model,
+            CLIPFLEET_LOCAL_ROOTS=json.dumps(self.local_roots),
+        )
         argv = [
             sys.executable, "-m", "celery", "-A", "workers.app", "worker",
             "--pool=prefork", "--concurrency=1", "--loglevel=INFO",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -10,12 +12,48 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from producer.constants import DEFAULT_MODEL, DEFAULT_QUEUE
 
 
+# TLS query parameters of a rediss:// URL that redis-py 8 (`Redis.from_url`) and kombu 5.7 (Celery's Redis
+# broker) both read the same way. Both pass them to `redis.SSLConnection`.
+REDIS_TLS_PARAMETERS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+# redis-py rejects `CERT_REQUIRED` while kombu reads an unknown value as "no certificate check", so only the
+# lowercase names that both read alike are accepted.
+REDIS_CERT_REQS = ("none", "optional", "required")
+
+
+def check_redis_tls_parameters(url: str) -> None:
+    """Raise ValueError for an `ssl_*` query parameter that redis-py and Celery would not read alike.
+
+    The message names the parameter and its value, never the URL, which may contain a password.
+    """
+    parts = urlsplit(url)
+    pairs = [(name, value) for name, value in parse_qsl(parts.query, keep_blank_values=True) if name.startswith("ssl_")]
+    names = [name for name, _ in pairs]
+    for name, value in pairs:
+        if name not in REDIS_TLS_PARAMETERS:
+            raise ValueError(f"query parameter {name!r} is not supported; use {', '.join(REDIS_TLS_PARAMETERS)}")
+        if names.count(name) > 1:
+            raise ValueError(f"query parameter {name!r} appears more than once; give it once")
+        if name == "ssl_cert_reqs" and value not in REDIS_CERT_REQS:
+            raise ValueError(f"ssl_cert_reqs={value!r} is invalid; use one of {', '.join(REDIS_CERT_REQS)}")
+        if name == "ssl_check_hostname" and value.lower() not in ("true", "false"):
+            raise ValueError(f"ssl_check_hostname={value!r} is invalid; use true or false")
+    if pairs and parts.scheme.lower() != "rediss":
+        raise ValueError(f"TLS query parameters ({', '.join(names)}) need a rediss:// URL; change the scheme to rediss")
+
+
 class Settings(BaseSettings):
     """Settings shared by producers and workers. AWS credentials come from the standard AWS chain."""
 
-    model_config = SettingsConfigDict(env_prefix="CLIPFLEET_", extra="ignore")
+    # hide_input_in_errors keeps CLIPFLEET_REDIS_URL, which may contain a password, out of the text of a
+    # ValidationError. `ValidationError.errors()` still carries each input, so print those only redacted.
+    model_config = SettingsConfigDict(env_prefix="CLIPFLEET_", extra="ignore", hide_input_in_errors=True)
 
-    redis_url: str | None = Field(None, description="Redis used as broker and job store; unset means `clipfleet run` starts a private one")
+    redis_url: str | None = Field(
+        None,
+        description="Redis used as broker and job store; unset means `clipfleet run` starts a private one. "
+        "A rediss:// URL takes the TLS query parameters ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs "
+        "and ssl_check_hostname",
+    )
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint, for MinIO or other S3-compatible stores")
     model: str = Field(DEFAULT_MODEL, description="Hugging Face hub id or local directory of a CLIP checkpoint")
     model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model")
@@ -24,6 +62,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(64, ge=1, le=4096, description="Images per task")
     queue: str = DEFAULT_QUEUE
     allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Buckets jobs may read and write; empty allows all")
+    local_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Local folders a worker may read images from and write results to; empty rejects local paths")
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(89_478_485, ge=1)
     visibility_timeout_s: int = Field(900, ge=10)
@@ -31,8 +70,16 @@ class Settings(BaseSettings):
     fetch_timeout_s: float = Field(30.0, gt=0)
     max_delivery_attempts: int = Field(5, ge=1)
     queue_high_water: int = Field(1000, ge=1, description="Producers pause while the queue contains this many tasks or more")
+    max_labels: int = Field(20_000, ge=1, description="Maximum number of labels in one job; submit rejects a job with more")
     log_level: str = "INFO"
     metrics_port: int | None = None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value:
+            check_redis_tls_parameters(value)
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -42,9 +89,11 @@ class Settings(BaseSettings):
             raise ValueError("use one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
 
-    @field_validator("allowed_buckets", mode="before")
+    @field_validator("allowed_buckets", "local_roots", mode="before")
     @classmethod
-    def _split_buckets(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            return json.loads(value)  # a JSON list, for folder names that contain commas
         if isinstance(value, str):
-            return [bucket.strip() for bucket in value.split(",") if bucket.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value

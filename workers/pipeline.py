@@ -24,6 +24,7 @@ from workers.classify import encode_images, score, top_k_rows
 from workers.fetch import fetch_bytes
 from workers.images import ImageError, decode_image
 from workers.model import LoadedModel, ModelLoadError
+from workers.policy import LocationRejected, check_job_locations
 from workers.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,13 @@ def process_batch(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome
 
     attempt = runtime.store.count_delivery(job_id, batch)
     spec = runtime.spec(job_id)
+    try:
+        check_job_locations(spec, runtime.settings)
+    except LocationRejected as e:
+        # Every batch of the job names the same locations, so the job fails now and nothing is read.
+        logger.error("Job %s rejected: %s", job_id, e)
+        runtime.store.fail(job_id, str(e))
+        return BatchOutcome(job_id, batch, attempt, "skipped_failed")
     if attempt > runtime.settings.max_delivery_attempts:
         rows = [_error_row(uri, "delivery_attempts_exceeded", f"batch {batch} was delivered {attempt - 1} times without finishing") for uri in message.uris]
         logger.warning("Job %s batch %d reached %d deliveries; its %d images are recorded as failed", job_id, batch, attempt - 1, len(rows))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +27,8 @@ def start_worker(
         CLIPFLEET_REDIS_URL=redis_url,
         CLIPFLEET_MODEL=str(model_dir),
         CLIPFLEET_FETCH_THREADS="4",
+        # Test jobs read and write local folders under the temporary directory (pytest's tmp_path).
+        CLIPFLEET_LOCAL_ROOTS=tempfile.gettempdir(),
     )
     if s3_endpoint_url:
         env["CLIPFLEET_S3_ENDPOINT_URL"] = s3_endpoint_url

@@ -27,9 +27,10 @@ JOB_ID = "job-under-test"
 
 
 @pytest.fixture
-def runtime(redis_url: str, s3_server: S3Server, tiny_clip_dir: Path) -> Iterator[WorkerRuntime]:
+def runtime(redis_url: str, s3_server: S3Server, tiny_clip_dir: Path, tmp_path: Path) -> Iterator[WorkerRuntime]:
     settings = Settings(
         redis_url=redis_url,
+        local_roots=[str(tmp_path)],
         s3_endpoint_url=s3_server.endpoint_url,
         model=str(tiny_clip_dir),
         fetch_threads=4,
@@ -269,3 +270,20 @@ def test_unwritable_output_job_fails(runtime: WorkerRuntime, unwritable_job: dic
     fields = runtime.store.fields(JOB_ID)
     assert fields["state"] == "failed"
     assert "clipfleet-no-such-bucket" in fields["error"]
+
+
+def test_local_job_rejected_without_roots(runtime: WorkerRuntime, local_job: dict[str, Any]) -> None:
+    runtime.settings = runtime.settings.model_copy(update={"local_roots": []})
+    outcome = process_batch(runtime, local_job["message"])
+    assert outcome.status == "skipped_failed"
+    assert runtime.store.state(JOB_ID) == "failed"
+    assert "CLIPFLEET_LOCAL_ROOTS" in runtime.store.status(JOB_ID).error
+    assert not local_job["output"].exists()
+
+
+def test_output_bucket_outside_allowed(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    source_bucket = s3_job["uris"][0].split("/")[2]
+    runtime.settings = runtime.settings.model_copy(update={"allowed_buckets": [source_bucket]})
+    process_batch(runtime, s3_job["message"])
+    assert runtime.store.state(JOB_ID) == "failed"
+    assert s3_client.list_objects_v2(Bucket=s3_job["output"]).get("KeyCount") == 0

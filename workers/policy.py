@@ -1,0 +1,58 @@
+"""The worker's own check of where a job reads and writes, made before any image of the job is touched.
+
+Producers check a job's locations at submit, but anyone who can write to the Redis that a worker reads
+can enqueue a job spec directly. So each worker checks again, against its own settings:
+
+- An S3 source or output must be in `CLIPFLEET_ALLOWED_BUCKETS` when that setting is not empty.
+- A local source or output must lie under one of `CLIPFLEET_LOCAL_ROOTS`, with symbolic links resolved.
+  With that setting empty, the worker rejects every local path. `clipfleet run` sets it for its private
+  worker to the job's source and output folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from producer.errors import ClipfleetError
+from producer.settings import Settings
+from producer.spec import JobSpec, local_root
+from producer.uris import S3Uri, parse_location
+
+
+class LocationRejected(ClipfleetError):
+    """A job names a source or output that this worker's settings do not allow."""
+
+
+def check_job_locations(spec: JobSpec, settings: Settings) -> None:
+    """Raise LocationRejected, naming the location and the setting to change, if `spec` is not allowed here."""
+    source_folder = local_root(spec)  # the folder that local images must stay under, None for S3
+    for role, value in (("source", str(source_folder or spec.source)), ("output", spec.output)):
+        location = parse_location(value)
+        if isinstance(location, S3Uri):
+            _check_bucket(role, location, settings.allowed_buckets)
+        else:
+            _check_local(role, location, settings.local_roots)
+
+
+def _check_bucket(role: str, location: S3Uri, allowed_buckets: list[str]) -> None:
+    if allowed_buckets and location.bucket not in allowed_buckets:
+        raise LocationRejected(
+            f"the job's {role} {str(location)!r} is in bucket {location.bucket!r}, which is not in this "
+            f"worker's CLIPFLEET_ALLOWED_BUCKETS={sorted(allowed_buckets)!r}"
+        )
+
+
+def _check_local(role: str, path: Path, local_roots: list[str]) -> None:
+    if not local_roots:
+        raise LocationRejected(
+            f"the job's {role} is the local path {str(path)!r}, and this worker accepts no local paths; "
+            "use s3:// locations, or set CLIPFLEET_LOCAL_ROOTS on the worker to the folders it may use"
+        )
+    resolved = path.resolve()
+    for root in local_roots:
+        if resolved.is_relative_to(Path(root).resolve()):
+            return
+    raise LocationRejected(
+        f"the job's {role} {str(path)!r} is not under this worker's CLIPFLEET_LOCAL_ROOTS={local_roots!r}; "
+        "add its folder to that setting or move the data"
+    )
