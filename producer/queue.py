@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 
@@ -27,8 +29,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     - `visibility_timeout`: Redis redelivers an unacknowledged message after this many seconds. It must exceed
       the longest batch, or a slow batch runs twice. kombu's default of one hour would delay the recovery of a
       killed worker's batch by up to an hour.
+    - `broker_use_ssl`: for a rediss:// URL without `ssl_*` query parameters, kombu 5.7 would connect without
+      checking the server's certificate. Requiring it matches redis-py, which checks by default. Any `ssl_*`
+      parameter in the URL replaces this whole setting (kombu reads the URL's parameters last).
     """
-    return {
+    config: dict[str, Any] = {
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
@@ -41,6 +46,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_default_queue": settings.queue,
     }
+    if settings.redis_url and urlsplit(settings.redis_url).scheme.lower() == "rediss":
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
 
 
 def make_celery(settings: Settings, name: str = "clipfleet") -> Celery:

@@ -20,6 +20,11 @@ from producer.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# botocore logs the headers of every request at DEBUG level, the session token (X-Amz-Security-Token) among
+# them, so its loggers stay at INFO even when CLIPFLEET_LOG_LEVEL is DEBUG.
+for _name in ("boto3", "botocore", "s3transfer"):
+    logging.getLogger(_name).setLevel(logging.INFO)
+
 settings = Settings()
 app = Celery("clipfleet", include=["workers.tasks"])
 app.conf.update(celery_config(settings))
