@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from producer.storage import Storage
-from producer.uris import S3Uri, is_s3_uri, parse_s3_uri
+from producer.uris import S3Uri, is_s3_uri, parse_s3_uri, shorten, uri_scheme
 from workers.images import ImageError
 
 logger = logging.getLogger(__name__)
@@ -26,9 +26,19 @@ def fetch_bytes(
     allowed_buckets: list[str],
     local_root: Path | None,
 ) -> bytes:
-    """Return the bytes of the image at `uri`. Thread-safe. Raises ImageError for any per-image failure."""
+    """Return the bytes of the image at `uri`. Thread-safe. Raises ImageError for any per-image failure.
+
+    Only `s3://` URIs and, for a job with a local source (`local_root` set), local paths are read. Any other
+    scheme, such as `http://` or `file://`, and a local path in a job whose source is in S3 raise
+    ImageError("access_denied") before anything is opened.
+    """
     if is_s3_uri(uri):
         return _fetch_s3(storage, uri, max_bytes, allowed_buckets)
+    scheme = uri_scheme(uri)
+    if scheme is not None:
+        raise ImageError("access_denied", f"{shorten(uri)} was not read: scheme {scheme!r} is not supported; use s3://bucket/key")
+    if local_root is None:
+        raise ImageError("access_denied", f"{shorten(uri)} was not read: local paths are read only in jobs with a local source")
     return _fetch_local(uri, max_bytes, local_root)
 
 
@@ -51,6 +61,9 @@ def _fetch_s3(storage: Storage, uri: str, max_bytes: int, allowed_buckets: list[
     except ClientError as e:
         raise _client_error(e, uri) from e
     except (ReadTimeoutError, ConnectTimeoutError) as e:
+        # NOTE: botocore retries a timed-out GET, and Storage allows 6 attempts with up to 31 s of
+        # backoff in total, so an object that never responds takes up to about 6 x
+        # CLIPFLEET_FETCH_TIMEOUT_S + 31 s to reach this line (37.6 s measured at a 2 s timeout).
         raise ImageError("fetch_timeout", f"reading {uri} timed out: {e}") from e
     except BotoCoreError as e:
         raise ImageError("fetch_error", f"reading {uri} failed: {e}") from e

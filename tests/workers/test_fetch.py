@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 from botocore.client import BaseClient
+from botocore.config import Config
 
 from producer.settings import Settings
 from producer.storage import Storage
+from tests.support.s3proxy import S3FaultProxy
 from tests.support.servers import S3Server
 from workers.fetch import fetch_bytes
 from workers.images import ImageError
@@ -103,8 +108,9 @@ def test_local_file_inside_root(storage: Storage, root: Path) -> None:
 
 
 def test_local_file_without_root(storage: Storage, tmp_path: Path) -> None:
+    """A job whose source is in S3 has no local root, so a local path in its message is not opened."""
     (tmp_path / "a.jpg").write_bytes(BODY)
-    assert fetch_bytes(storage, str(tmp_path / "a.jpg"), MAX_BYTES, [], None) == BODY
+    assert fetch_error(storage, str(tmp_path / "a.jpg"), local_root=None).code == "access_denied"
 
 
 def test_local_dotdot_outside_root(storage: Storage, root: Path) -> None:
@@ -161,3 +167,82 @@ def test_runtime_s3_pool_covers_fetch_threads(runtime: WorkerRuntime) -> None:
 
 def test_runtime_fetch_threads(runtime: WorkerRuntime) -> None:
     assert runtime.pool._max_workers == 8
+
+
+# --- faults injected between the worker and S3 -------------------------------------------------
+
+
+class SingleAttemptStorage(Storage):
+    """A Storage whose client sends each request once, so a fault reaches fetch_bytes without retries."""
+
+    def _make_client(self) -> Any:
+        config = Config(
+            max_pool_connections=self.max_pool_connections,
+            connect_timeout=self.timeout_s,
+            read_timeout=self.timeout_s,
+            retries={"mode": "standard", "total_max_attempts": 1},
+        )
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[S3FaultProxy]:
+    with S3FaultProxy(s3_server.endpoint_url, seed=3) as fault_proxy:
+        yield fault_proxy
+
+
+@pytest.fixture
+def stored_key(s3_client: BaseClient, bucket: str) -> str:
+    s3_client.put_object(Bucket=bucket, Key="faulty/a.jpg", Body=BODY)
+    return f"s3://{bucket}/faulty/a.jpg"
+
+
+@pytest.mark.timeout(30)
+def test_s3_stalled_get_is_fetch_timeout(proxy: S3FaultProxy, stored_key: str) -> None:
+    proxy.add_rule("stall", method="GET", key_contains="faulty/", stall_s=3.0)
+    storage = SingleAttemptStorage(proxy.endpoint_url, timeout_s=0.5)
+    started = time.monotonic()
+    error = fetch_error(storage, stored_key)
+    assert error.code == "fetch_timeout"
+    assert time.monotonic() - started < 3.0
+
+
+@pytest.mark.timeout(30)
+def test_s3_slow_down_is_fetch_error(proxy: S3FaultProxy, stored_key: str) -> None:
+    proxy.add_rule("slow_down_503", method="GET", key_contains="faulty/")
+    error = fetch_error(SingleAttemptStorage(proxy.endpoint_url), stored_key)
+    assert error.code == "fetch_error"
+    assert "SlowDown" in error.message
+
+
+@pytest.mark.timeout(30)
+def test_s3_internal_error_is_fetch_error(proxy: S3FaultProxy, stored_key: str) -> None:
+    proxy.add_rule("error_500", method="GET", key_contains="faulty/")
+    error = fetch_error(SingleAttemptStorage(proxy.endpoint_url), stored_key)
+    assert error.code == "fetch_error"
+    assert "InternalError" in error.message
+
+
+@pytest.mark.timeout(30)
+def test_s3_dropped_connection_is_fetch_error(proxy: S3FaultProxy, stored_key: str) -> None:
+    proxy.add_rule("drop", method="GET", key_contains="faulty/")
+    assert fetch_error(SingleAttemptStorage(proxy.endpoint_url), stored_key).code == "fetch_error"
+
+
+@pytest.mark.timeout(30)
+def test_s3_transient_slow_down_retried(proxy: S3FaultProxy, stored_key: str) -> None:
+    """The product's own Storage retries throttling, so two 503 responses before a 200 still return the bytes."""
+    proxy.add_rule("slow_down_503", method="GET", key_contains="faulty/", max_hits=2)
+    storage = Storage(endpoint_url=proxy.endpoint_url)
+    assert fetch_bytes(storage, stored_key, MAX_BYTES, [], None) == BODY
+    assert len(proxy.injected) == 2
+
+
+@pytest.mark.timeout(30)
+def test_s3_too_large_through_proxy(proxy: S3FaultProxy, s3_client: BaseClient, bucket: str) -> None:
+    """The worker closes the body after the length check, and the proxy copes with the closed connection."""
+    s3_client.put_object(Bucket=bucket, Key="faulty/big.bin", Body=b"x" * 500_000)
+    s3_client.put_object(Bucket=bucket, Key="faulty/small.bin", Body=BODY)
+    storage = Storage(endpoint_url=proxy.endpoint_url)
+    assert fetch_error(storage, f"s3://{bucket}/faulty/big.bin", max_bytes=1000).code == "too_large"
+    assert fetch_bytes(storage, f"s3://{bucket}/faulty/small.bin", MAX_BYTES, [], None) == BODY
