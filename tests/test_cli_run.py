@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -9,7 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,19 +32,39 @@ def clipfleet(*args: str, env: dict[str, str] | None = None, timeout_s: float = 
     )
 
 
+# Every process these tests start inherits this mark, so processes of other programs on the machine
+# (another test run, a developer's own worker) are never mistaken for ones left behind. redis-server
+# overwrites its environment when it sets its process title, so it is recognised by its working
+# directory instead: the embedded stack's folder, made under TMPDIR.
+PROCESS_MARK_VARIABLE = "CLIPFLEET_TEST_PROCESS_MARK"
+PROCESS_MARK = uuid.uuid4().hex
+PRIVATE_TMPDIR = tempfile.mkdtemp(prefix="clipfleet-cli-tests-")
+atexit.register(shutil.rmtree, PRIVATE_TMPDIR, ignore_errors=True)
+
+
 def private_environment() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("CLIPFLEET_")}
+    env[PROCESS_MARK_VARIABLE] = PROCESS_MARK
+    env["TMPDIR"] = PRIVATE_TMPDIR
     return env
 
 
 def service_processes() -> set[int]:
-    """Return the pids of live redis-server and clipfleet worker processes on this machine."""
+    """Return the pids of live redis-server and clipfleet worker processes started by these tests."""
     found = set()
     for process in psutil.process_iter(["pid", "cmdline", "status"]):
         cmdline = " ".join(process.info["cmdline"] or [])
         if process.info["status"] != psutil.STATUS_ZOMBIE and ("redis-server" in cmdline or "workers.app" in cmdline):
-            found.add(process.info["pid"])
+            if _has_mark(process):
+                found.add(process.info["pid"])
     return found
+
+
+def _has_mark(process: psutil.Process) -> bool:
+    try:
+        return process.environ().get(PROCESS_MARK_VARIABLE) == PROCESS_MARK or process.cwd().startswith(PRIVATE_TMPDIR)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 def processes_started_since(before: set[int], settle_s: float = 30.0) -> set[int]:
@@ -107,6 +130,16 @@ def long_run(tmp_path: Path, tiny_clip_dir: Path, images: int) -> Iterator[tuple
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+def test_running_stack_processes_are_found(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    before = service_processes()
+    with long_run(tmp_path, tiny_clip_dir, 200) as (process, _):
+        started = service_processes() - before
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
+    # The private Redis, the worker's main process and its pool process.
+    assert len(started) == 3
 
 
 def test_run_interrupted_stops_everything(tmp_path: Path, tiny_clip_dir: Path) -> None:
