@@ -287,3 +287,15 @@ def test_output_bucket_outside_allowed(runtime: WorkerRuntime, s3_job: dict[str,
     process_batch(runtime, s3_job["message"])
     assert runtime.store.state(JOB_ID) == "failed"
     assert s3_client.list_objects_v2(Bucket=s3_job["output"]).get("KeyCount") == 0
+
+
+def test_runtime_sets_pillow_pixel_limit(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    worker_runtime = WorkerRuntime(Settings(redis_url=redis_url, max_image_pixels=1234))
+    try:
+        assert Image.MAX_IMAGE_PIXELS == 1234
+    finally:
+        worker_runtime.pool.shutdown()
+        worker_runtime.store.redis.close()
