@@ -28,6 +28,7 @@ from producer.constants import (
 )
 from producer.errors import JobNotFound
 from producer.messages import check_job_id
+from producer.redis_client import make_redis
 from producer.spec import JobSpec
 
 # KEYS: job hash, batch set. ARGV: batch number, succeeded, failed, now.
@@ -103,7 +104,7 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str) -> "JobStore":
-        return cls(redis.Redis.from_url(url, health_check_interval=30, socket_timeout=30))
+        return cls(make_redis(url))
 
     def create(self, job_id: str, spec: JobSpec) -> None:
         fields = {
@@ -145,6 +146,14 @@ class JobStore:
     def count_delivery(self, job_id: str, batch: int) -> int:
         """Count one more delivery of a batch and return how many there have been, this one included."""
         return int(self.redis.hincrby(_job_key(job_id, JOB_ATTEMPTS_KEY), str(batch), 1))
+
+    def count_event(self, job_id: str, field: str, amount: int = 1) -> None:
+        """Add `amount` to the job's counter `field`, such as `redeliveries` or `retries:s3`.
+
+        These counters describe what happened on the way and are not idempotent: a redelivered batch
+        counts its retries again.
+        """
+        self.redis.hincrby(_job_key(job_id), field, amount)
 
     def claim_finalization(self, job_id: str) -> bool:
         """Return True to exactly one caller per job: the one that writes the success marker."""
