@@ -8,6 +8,7 @@ import json
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -189,14 +190,23 @@ def _interrupts_ignored() -> Iterator[None]:
 
 
 def start_redis(workdir: Path, attempts: int = 3) -> tuple[ManagedProcess, str]:
-    """Start `redis-server` on a free loopback port, without persistence. Returns the process and its URL."""
+    """Start `redis-server` on a free loopback port, without persistence. Returns the process and its URL.
+
+    The server requires a random password, so other local users cannot enqueue jobs to the worker, which
+    reads storage with this user's credentials. The password is passed in a configuration file that only
+    this user can read (the work folder is private), not on the command line, which `ps` shows to everyone.
+    """
     binary = find_redis_server()
+    password = secrets.token_urlsafe(24)
+    config = workdir / "redis.conf"
+    config.touch(mode=0o600)
+    config.write_text(f"requirepass {password}\n", encoding="utf-8")
     last_tail = ""
     for _ in range(attempts):
         port = free_port()
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+        argv = [binary, str(config), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
         process = ManagedProcess("redis", argv, workdir / "redis.log")
-        url = f"redis://127.0.0.1:{port}/0"
+        url = f"redis://:{password}@127.0.0.1:{port}/0"
         if _wait_for_redis(url, process):
             return process, url
         last_tail = process.log_tail()

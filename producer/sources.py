@@ -16,6 +16,7 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from producer.constants import MAX_MANIFEST_URI_BYTES
 from producer.errors import InvalidJobSpec, SourceError, StorageError
 from producer.storage import Storage
 from producer.uris import S3Uri, check_bucket_allowed, is_s3_uri, parse_location, parse_s3_uri
@@ -24,10 +25,6 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".jsonl")
 
-# Longest URI or path a manifest line may hold, in UTF-8 bytes. Linux paths are at most 4,096 bytes
-# (PATH_MAX). S3 URIs are shorter: `s3://`, a bucket of at most 63 characters, `/` and a key of at most
-# 1,024 bytes, which `parse_s3_uri` checks on its own.
-MAX_MANIFEST_URI_BYTES = 4096
 # Repeated manifest entries are dropped while at most this many distinct URIs have been seen. Each is kept
 # as a 16-byte BLAKE2b digest, about 95 bytes per entry in a CPython 3.11 set (2 million took 187 MB,
 # measured with ru_maxrss). After that, duplicate checking stops with a warning.

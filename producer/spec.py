@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,13 @@ from producer.constants import (
     DEFAULT_IMAGE_EXTENSIONS,
     DEFAULT_MODEL,
     DEFAULT_TEMPLATES,
+    MAX_BATCH_SIZE,
 )
 from producer.errors import InvalidJobSpec
 from producer.uris import S3Uri, parse_location
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH_SIZE = 4096
 MAX_TOP_K = 1000
 MAX_LABEL_CHARS = 1000
 
@@ -67,6 +68,7 @@ class JobSpec(BaseModel):
         if not value:
             raise ValueError("templates must not be empty; the default is ['a photo of a {}.']")
         for template in value:
+            check_text("template", template)
             if template.count("{}") != 1:
                 raise ValueError(f"template {template!r} must contain '{{}}' exactly once, where the label goes")
         if len(set(value)) != len(value):
@@ -136,8 +138,7 @@ def _clean_labels(raw: list[Any]) -> list[str]:
         name = item.strip()
         if not name:
             raise ValueError(f"label {item!r} is empty or whitespace only")
-        if len(name) > MAX_LABEL_CHARS:
-            raise ValueError(f"label {name[:40]!r}... has {len(name)} characters; the maximum is {MAX_LABEL_CHARS}")
+        check_text("label", name)
         names.append(name)
     duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
@@ -151,8 +152,28 @@ def _clean_prompts(label: str, raw: Any) -> list[str]:
         raise ValueError(f"label {label!r} must map to a non-empty list of prompts, not {raw!r}")
     prompts = [str(prompt).strip() for prompt in raw]
     if not all(prompts):
-        raise ValueError(f"label {label!r} has an empty prompt in {raw!r}")
+        raise ValueError(f"label {label!r} has an empty prompt in {_short(raw)}")
+    for prompt in prompts:
+        check_text(f"prompt of label {label!r}", prompt)
     return prompts
+
+
+def check_text(kind: str, text: str) -> None:
+    """Raise ValueError naming `kind` when a label, prompt or template cannot be used as prompt text.
+
+    Rejected: more than MAX_LABEL_CHARS characters, unpaired surrogates (text that is not valid Unicode,
+    which neither JSON nor the tokenizer accept) and control characters, which would also reach terminals
+    through printed summaries.
+    """
+    if len(text) > MAX_LABEL_CHARS:
+        raise ValueError(f"{kind} {text[:40]!r}... has {len(text)} characters; the maximum is {MAX_LABEL_CHARS}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{kind} {_short(text)} is not valid Unicode ({e.reason}); write it as UTF-8 text") from e
+    controls = list(dict.fromkeys(f"U+{ord(char):04X}" for char in text if unicodedata.category(char) == "Cc"))
+    if controls:
+        raise ValueError(f"{kind} {_short(text)} contains control characters {', '.join(controls)}; remove them")
 
 
 def build_spec(**fields: Any) -> JobSpec:
@@ -169,13 +190,20 @@ def build_spec(**fields: Any) -> JobSpec:
     return spec
 
 
-def check_label_count(spec: JobSpec, max_labels: int) -> None:
-    """Raise InvalidJobSpec when the job has more than `max_labels` labels (the CLIPFLEET_MAX_LABELS setting)."""
+def check_job_size(spec: JobSpec, max_labels: int, max_prompts: int) -> None:
+    """Raise InvalidJobSpec when the job has more labels than `max_labels` (CLIPFLEET_MAX_LABELS) or more
+    prompts, counted over all labels, than `max_prompts` (CLIPFLEET_MAX_PROMPTS)."""
     count = len(spec.labels)
     if count > max_labels:
         raise InvalidJobSpec(
             f"invalid job spec: labels: the job has {count} labels; the maximum is {max_labels}. "
             "Split the labels over several jobs, or raise CLIPFLEET_MAX_LABELS"
+        )
+    prompts = sum(len(label_prompts) for label_prompts in spec.prompts.values())
+    if prompts > max_prompts:
+        raise InvalidJobSpec(
+            f"invalid job spec: the job has {prompts} prompts (labels times templates, or prompts per label); "
+            f"the maximum is {max_prompts}. Use fewer templates or labels, or raise CLIPFLEET_MAX_PROMPTS"
         )
 
 

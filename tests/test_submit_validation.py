@@ -25,7 +25,7 @@ from botocore.client import BaseClient
 from producer import Client, Settings
 from producer.constants import JOBS_INDEX_KEY
 from producer.errors import InvalidJobSpec
-from producer.spec import build_spec, check_label_count
+from producer.spec import build_spec, check_job_size
 
 QUEUE = "clipfleet-submit-validation"
 CLI_TIMEOUT_S = 60
@@ -160,7 +160,7 @@ def test_max_labels_setting_raises_limit(settings: Settings, places: Places, red
 def test_labels_at_default_maximum_accepted() -> None:
     spec = build_spec(source="s3://photos/in/", output="s3://results/", labels=[f"label {i}" for i in range(20_000)])
 
-    check_label_count(spec, Settings().max_labels)
+    check_job_size(spec, Settings().max_labels, Settings().max_prompts)
 
     assert len(spec.labels) == 20_000
 

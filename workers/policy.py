@@ -1,7 +1,9 @@
-"""The worker's own check of where a job reads and writes, made before any image of the job is touched.
+"""The worker's own check of a job's size and locations, made before any image of the job is touched.
 
-Producers check a job's locations at submit, but anyone who can write to the Redis that a worker reads
-can enqueue a job spec directly. So each worker checks again, against its own settings:
+Producers check jobs at submit, but anyone who can write to the Redis that a worker reads can enqueue a
+job spec directly. So each worker checks again, against its own settings:
+
+- The job has at most `CLIPFLEET_MAX_LABELS` labels and `CLIPFLEET_MAX_PROMPTS` prompts.
 
 - An S3 source or output must be in `CLIPFLEET_ALLOWED_BUCKETS` when that setting is not empty.
 - A local source or output must lie under one of `CLIPFLEET_LOCAL_ROOTS`, with symbolic links resolved.
@@ -13,18 +15,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from producer.errors import ClipfleetError
+from producer.errors import ClipfleetError, InvalidJobSpec
 from producer.settings import Settings
-from producer.spec import JobSpec, local_root
+from producer.spec import JobSpec, check_job_size, local_root
 from producer.uris import S3Uri, parse_location
 
 
-class LocationRejected(ClipfleetError):
-    """A job names a source or output that this worker's settings do not allow."""
+class JobRejected(ClipfleetError):
+    """A job is larger than, or names a source or output outside, what this worker's settings allow."""
+
+
+def check_job(spec: JobSpec, settings: Settings) -> None:
+    """Raise JobRejected, naming the value and the setting to change, if `spec` is not allowed here."""
+    try:
+        check_job_size(spec, settings.max_labels, settings.max_prompts)
+    except InvalidJobSpec as e:
+        raise JobRejected(str(e)) from e
+    check_job_locations(spec, settings)
 
 
 def check_job_locations(spec: JobSpec, settings: Settings) -> None:
-    """Raise LocationRejected, naming the location and the setting to change, if `spec` is not allowed here."""
+    """Raise JobRejected, naming the location and the setting to change, if `spec` is not allowed here."""
     source_folder = local_root(spec)  # the folder that local images must stay under, None for S3
     for role, value in (("source", str(source_folder or spec.source)), ("output", spec.output)):
         location = parse_location(value)
@@ -36,7 +47,7 @@ def check_job_locations(spec: JobSpec, settings: Settings) -> None:
 
 def _check_bucket(role: str, location: S3Uri, allowed_buckets: list[str]) -> None:
     if allowed_buckets and location.bucket not in allowed_buckets:
-        raise LocationRejected(
+        raise JobRejected(
             f"the job's {role} {str(location)!r} is in bucket {location.bucket!r}, which is not in this "
             f"worker's CLIPFLEET_ALLOWED_BUCKETS={sorted(allowed_buckets)!r}"
         )
@@ -44,7 +55,7 @@ def _check_bucket(role: str, location: S3Uri, allowed_buckets: list[str]) -> Non
 
 def _check_local(role: str, path: Path, local_roots: list[str]) -> None:
     if not local_roots:
-        raise LocationRejected(
+        raise JobRejected(
             f"the job's {role} is the local path {str(path)!r}, and this worker accepts no local paths; "
             "use s3:// locations, or set CLIPFLEET_LOCAL_ROOTS on the worker to the folders it may use"
         )
@@ -52,7 +63,7 @@ def _check_local(role: str, path: Path, local_roots: list[str]) -> None:
     for root in local_roots:
         if resolved.is_relative_to(Path(root).resolve()):
             return
-    raise LocationRejected(
+    raise JobRejected(
         f"the job's {role} {str(path)!r} is not under this worker's CLIPFLEET_LOCAL_ROOTS={local_roots!r}; "
         "add its folder to that setting or move the data"
     )

@@ -112,3 +112,44 @@ def test_celery_checks_certificate_by_default() -> None:
 def test_celery_plain_redis_has_no_tls() -> None:
     connection = make_celery(Settings(redis_url="redis://:hunter2@cache:6379/0")).connection_for_write()
     assert not connection.ssl
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://:S3cr3tPw/x@127.0.0.1:6379/0", "redis://:S3cr3tPw?x@127.0.0.1:6379/0", "redis://user:S3cr3tPw#@h:6379/0"],
+)
+def test_malformed_redis_url_hides_password(url: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(redis_url=url)
+    assert "percent-encode" in str(caught.value)
+    assert "S3cr3tPw" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379/0", "127.0.0.1:6379"])
+def test_redis_url_scheme_checked(url: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(redis_url=url)
+    assert "redis://, rediss:// or unix://" in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["redis://:p%2Fw@127.0.0.1:6379/0", "unix:///run/redis.sock", "rediss://h:6380/0"])
+def test_valid_redis_urls_accepted(url: str) -> None:
+    assert Settings(redis_url=url).redis_url == url
+
+
+def test_endpoint_with_credentials_rejected() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(s3_endpoint_url="http://user:EndpointPw@127.0.0.1:9000")
+    assert "AWS_ACCESS_KEY_ID" in str(caught.value)
+    assert "EndpointPw" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:9000", "ftp://127.0.0.1:9000"])
+def test_endpoint_scheme_checked(url: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(s3_endpoint_url=url)
+    assert "http:// or https://" in str(caught.value)
+
+
+def test_endpoint_url_accepted() -> None:
+    assert Settings(s3_endpoint_url="http://127.0.0.1:9000").s3_endpoint_url == "http://127.0.0.1:9000"

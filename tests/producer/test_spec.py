@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from producer.errors import InvalidJobSpec
-from producer.spec import JobSpec, build_spec, check_label_count, find_long_prompts
+from producer.spec import JobSpec, build_spec, check_job_size, find_long_prompts, check_text
 
 SOURCE = "s3://photos/2026/"
 OUTPUT = "s3://results/"
@@ -231,7 +231,7 @@ def test_buckets_of_source_and_output() -> None:
 def test_label_count_at_limit_accepted() -> None:
     spec = build_spec(**spec_fields(labels=[f"label {i}" for i in range(20_000)]))
 
-    check_label_count(spec, 20_000)
+    check_job_size(spec, 20_000, 100_000)
 
     assert len(spec.labels) == 20_000
 
@@ -240,7 +240,7 @@ def test_label_count_over_limit_rejected() -> None:
     spec = build_spec(**spec_fields(labels=[f"label {i}" for i in range(50_000)]))
 
     with pytest.raises(InvalidJobSpec) as caught:
-        check_label_count(spec, 20_000)
+        check_job_size(spec, 20_000, 100_000)
 
     message = str(caught.value)
     assert "50000 labels" in message
@@ -313,3 +313,52 @@ def test_prompt_check_skipped_for_uncached_hub_model(caplog: pytest.LogCaptureFi
 
     assert long_prompts == []
     assert any("the worker checks prompt lengths" in record.getMessage() for record in caplog.records)
+
+
+def test_prompt_count_over_limit_rejected() -> None:
+    spec = build_spec(**spec_fields(labels=["cat", "dog"], templates=["a {}.", "one {}.", "two {}."]))
+
+    with pytest.raises(InvalidJobSpec) as caught:
+        check_job_size(spec, 20_000, 5)
+
+    assert "6 prompts" in str(caught.value)
+    assert "CLIPFLEET_MAX_PROMPTS" in str(caught.value)
+
+
+def test_prompt_count_at_limit_accepted() -> None:
+    spec = build_spec(**spec_fields(labels={"cat": ["a cat", "a kitten"], "dog": ["a dog"]}))
+
+    check_job_size(spec, 20_000, 3)
+
+    assert sum(len(prompts) for prompts in spec.prompts.values()) == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("labels", ["cat", "\x1b]0;title\x07dog"]),
+        ("labels", ["cat", "\ud800"]),
+        ("labels", {"cat": ["a cat", "a\x00cat"]}),
+        ("labels", {"cat": ["x" * 1001]}),
+        ("templates", ["a photo of a {}.\r"]),
+        ("templates", ["a photo of a {}." + "x" * 1000]),
+    ],
+)
+def test_unusable_prompt_text_rejected(field: str, value: object) -> None:
+    with pytest.raises(InvalidJobSpec) as caught:
+        build_spec(**spec_fields(**{field: value}))
+
+    assert field in str(caught.value)
+
+
+def test_control_characters_named() -> None:
+    with pytest.raises(ValueError) as caught:
+        check_text("label", "cat\x1b\x07")
+
+    assert "U+001B, U+0007" in str(caught.value)
+
+
+def test_non_ascii_text_accepted() -> None:
+    spec = build_spec(**spec_fields(labels=["chat noir", "café", "猫", "🐱"]))
+
+    assert spec.label_names == ["chat noir", "café", "猫", "🐱"]

@@ -109,6 +109,16 @@ def animated(image_format: str, **options) -> bytes:
     return encode(first, image_format, save_all=True, append_images=rest, **options)
 
 
+def giant_screen_gif(side_px: int) -> bytes:
+    """Return a GIF of a few dozen bytes whose one-pixel frame sits on a side_px × side_px logical screen.
+
+    Pillow draws every frame onto the whole screen, so decoding it allocates side_px² pixels.
+    """
+    frame = encode(Image.new("P", (1, 1)), "GIF")
+    # Bytes 6-9 of a GIF hold the logical screen's width and height, little-endian 16-bit.
+    return frame[:6] + side_px.to_bytes(2, "little") * 2 + frame[10:]
+
+
 def heic_header() -> bytes:
     """Return the start of a HEIC file: an ISO base media "ftyp" box with the heic and mif1 brands."""
     return b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 32
@@ -169,6 +179,7 @@ def _decodable_cases() -> list[CorpusCase]:
         ("png-named.jpg", encode(noise_image((40, 30)), "PNG")),
     ]
     cases += [(f"orientation-{value}.jpg", oriented_jpeg(value)) for value in range(2, 9)]
+    cases += [(f"giant-screen-{name}.gif", giant_screen_gif(9400)) for name in ("a", "b", "c")]
     return [CorpusCase(key, data, None) for key, data in cases]
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from producer.settings import Settings
 from producer.spec import JobSpec, build_spec
-from workers.policy import LocationRejected, check_job_locations
+from workers.policy import JobRejected, check_job, check_job_locations
 
 
 def spec_for(source: str, output: str) -> JobSpec:
@@ -34,7 +34,7 @@ def test_s3_job_in_allowed_buckets_passes() -> None:
 )
 def test_bucket_outside_allowed_rejected(source: str, output: str, named: str) -> None:
     settings = settings_with(allowed_buckets=["photos", "results"])
-    with pytest.raises(LocationRejected) as caught:
+    with pytest.raises(JobRejected) as caught:
         check_job_locations(spec_for(source, output), settings)
     assert named in str(caught.value)
     assert "CLIPFLEET_ALLOWED_BUCKETS" in str(caught.value)
@@ -42,7 +42,7 @@ def test_bucket_outside_allowed_rejected(source: str, output: str, named: str) -
 
 def test_local_paths_rejected_without_roots(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
-    with pytest.raises(LocationRejected) as caught:
+    with pytest.raises(JobRejected) as caught:
         check_job_locations(spec_for(str(tmp_path / "in"), "s3://results/out/"), settings_with())
     assert "CLIPFLEET_LOCAL_ROOTS" in str(caught.value)
 
@@ -56,7 +56,7 @@ def test_local_paths_under_root_pass(tmp_path: Path) -> None:
 def test_local_output_outside_root_rejected(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     settings = settings_with(local_roots=[str(tmp_path / "in")])
-    with pytest.raises(LocationRejected) as caught:
+    with pytest.raises(JobRejected) as caught:
         check_job_locations(spec_for(str(tmp_path / "in"), str(tmp_path / "out")), settings)
     assert "output" in str(caught.value)
 
@@ -67,7 +67,7 @@ def test_symlink_out_of_root_rejected(tmp_path: Path) -> None:
     elsewhere.mkdir()
     (root / "link").symlink_to(elsewhere, target_is_directory=True)
     settings = settings_with(local_roots=[str(root)])
-    with pytest.raises(LocationRejected):
+    with pytest.raises(JobRejected):
         check_job_locations(spec_for(str(root / "link"), str(root / "out")), settings)
 
 
@@ -79,3 +79,21 @@ def test_local_roots_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_local_roots_as_json_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLIPFLEET_LOCAL_ROOTS", '["/data/a,b", "/data/c"]')
     assert Settings().local_roots == ["/data/a,b", "/data/c"]
+
+
+def test_too_many_labels_rejected() -> None:
+    spec = spec_for("s3://photos/in/", "s3://results/out/").model_copy(update={"labels": ["a", "b", "c"]})
+    with pytest.raises(JobRejected) as caught:
+        check_job(spec, settings_with(max_labels=2))
+    assert "CLIPFLEET_MAX_LABELS" in str(caught.value)
+
+
+def test_too_many_prompts_rejected() -> None:
+    spec = spec_for("s3://photos/in/", "s3://results/out/").model_copy(update={"templates": ["a {}.", "b {}."]})
+    with pytest.raises(JobRejected) as caught:
+        check_job(spec, settings_with(max_prompts=1))
+    assert "CLIPFLEET_MAX_PROMPTS" in str(caught.value)
+
+
+def test_job_within_limits_passes() -> None:
+    check_job(spec_for("s3://photos/in/", "s3://results/out/"), settings_with(max_labels=1, max_prompts=1))
