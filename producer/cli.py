@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from producer.client import Client, Job, make_spec
+from producer.client import Client, Job, check_error_codes, make_spec
 from producer.errors import ClipfleetError, InvalidJobSpec
 from producer.redact import redact_url
 from producer.settings import Settings
@@ -135,11 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--timeout-s", type=float, default=None, help="give up after this many seconds")
             command.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
 
+    retry = commands.add_parser("retry", help="enqueue the failed images of a finished job again and merge them into its results")
+    retry.add_argument("job_id", metavar="JOB")
+    retry.add_argument(
+        "--codes", type=_error_code_list, default=None,
+        help="comma-separated error codes to retry, for example not_found,fetch_timeout (default: every failed image)",
+    )
+    retry.add_argument("--wait", action="store_true", help="wait for the retry to finish and print the job's summary")
+    retry.add_argument("--timeout-s", type=float, default=None, help="with --wait, give up waiting after this many seconds")
+    retry.set_defaults(handler=cmd_retry)
+
     worker = commands.add_parser("worker", help="start a Celery worker with production defaults")
     worker.add_argument("--concurrency", type=int, default=1, help="pool processes; one per GPU (default 1)")
     worker.add_argument("--queue", default=None, help="queue to consume (default: CLIPFLEET_QUEUE)")
     worker.set_defaults(handler=cmd_worker)
     return parser
+
+
+def _error_code_list(text: str) -> frozenset[str]:
+    try:
+        return check_error_codes([code.strip() for code in text.split(",") if code.strip()])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _add_job_arguments(command: argparse.ArgumentParser) -> None:
@@ -275,16 +292,43 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_ERROR
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Start a retry round of a finished job; with --wait, follow it and print the summary like `run`."""
+    job = Client(Settings()).job(args.job_id)
+    retry_round = job.retry(args.codes)
+    if retry_round.round is None:
+        print(f"job {job.id} has no failed images to retry; nothing was enqueued", file=sys.stderr)
+        return 0
+    print(f"job {job.id}: retry round {retry_round.round} enqueued {retry_round.images} failed images in {retry_round.batches} batches", file=sys.stderr)
+    if not args.wait:
+        return 0
+    started = time.monotonic()
+    status = job.wait(timeout_s=args.timeout_s, progress=sys.stderr.isatty())
+    _print_summary(job, status, time.monotonic() - started)
+    return _exit_code(status)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Run a Celery worker in this process: prefork pool, one task at a time per process, task events on."""
-    from workers.app import app, settings
+    """Run a Celery worker in this process: prefork pool, one task at a time per process, task events on.
+
+    Returns the exit status of Celery's worker: 1 after an unrecoverable error or SIGINT, 0 after SIGTERM.
+    """
+    from celery.bin.celery import celery as celery_command
+
+    from workers.app import settings
 
     queue = args.queue or settings.queue
-    app.worker_main([
-        "worker", f"--concurrency={args.concurrency}", "--pool=prefork", f"--queues={queue}",
+    # `celery worker` ends with click's ctx.exit(status). Celery 5.7's `app.worker_main` and `app.start` drop
+    # that status, so a worker stopped by an unrecoverable error would exit 0 and its supervisor would not
+    # see the failure. click returns the status when `standalone_mode` is off.
+    exit_status = celery_command.main(args=[
+        "-A", "workers.app", "worker", f"--concurrency={args.concurrency}", "--pool=prefork", f"--queues={queue}",
         f"--loglevel={settings.log_level}", "--task-events", "--without-gossip", "--without-mingle",
-    ])
-    return 0
+    ], standalone_mode=False)
+    if isinstance(exit_status, str):  # SystemExit("message"), as raised by the worker's startup checks
+        print(exit_status, file=sys.stderr)
+        return EXIT_ERROR
+    return int(exit_status or 0)
 
 
 def _status_dict(status: JobStatus) -> dict[str, Any]:
@@ -299,16 +343,18 @@ def _status_dict(status: JobStatus) -> dict[str, Any]:
         "images_per_s": round(status.images_per_s, 2) if status.images_per_s else None,
         "eta_s": round(status.eta_s, 1) if status.eta_s is not None else None,
         "error": status.error,
+        "errors": status.errors,
+        "retries": status.retries,
+        "retries_total": status.retries_total,
+        "redeliveries": status.redeliveries,
+        "retry_round": status.retry_round,
     }
 
 
 def _print_summary(job: Job, status: JobStatus, elapsed_s: float) -> None:
     labels: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
     for row in job.results():
-        if row["error"]:
-            errors[row["error"]["code"]] += 1
-        else:
+        if not row["error"]:
             labels[row["label"]] += 1
     print(f"job {job.id}: {status.state}")
     if status.error:
@@ -316,11 +362,15 @@ def _print_summary(job: Job, status: JobStatus, elapsed_s: float) -> None:
     print(f"  images: {status.total or 0} total, {status.succeeded} classified, {status.failed} failed, {status.skipped} skipped (not images)")
     rate = f", {status.images_per_s:.1f} images/s from the first batch on" if status.images_per_s else ""
     print(f"  time: {elapsed_s:.1f} s in all{rate}")
+    retries = ", ".join(f"{kind} {count}" for kind, count in status.retries.items())
+    print(f"  retries: {status.retries_total}{f' ({retries})' if retries else ''}; redeliveries: {status.redeliveries}")
+    if status.retry_round:
+        print(f"  retry rounds: {status.retry_round}")
     for label, count in labels.most_common(20):
         print(f"  {count:>8}  {label}")
     if len(labels) > 20:
         print(f"  ... and {len(labels) - 20} more labels")
-    for code, count in errors.most_common():
+    for code, count in sorted(status.errors.items(), key=lambda item: -item[1]):
         print(f"  {count:>8}  error: {code}")
     print(f"  results: {job.output}")
 
