@@ -8,13 +8,23 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 from celery import Celery
 
 from producer.constants import TASK_CLASSIFY_BATCH
 from producer.messages import BatchMessage
+from producer.retry import RetryPolicy, RetryScope, call_with_retry
 from producer.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# Publishing a batch waits 0, 1, 2, 3, 3, ... s between attempts, about 30 s in all, so it rides through a
+# Redis restart. kombu reconnects between attempts.
+PUBLISH_MAX_RETRIES = 12
+PUBLISH_INTERVAL_STEP_S = 1.0
+PUBLISH_INTERVAL_MAX_S = 3.0
+# Reading the queue length retries for up to 30 s too.
+QUEUE_LENGTH_RETRY = RetryPolicy(max_attempts=30, base_s=0.5, max_total_s=30.0)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -58,7 +68,11 @@ def make_celery(settings: Settings, name: str = "clipfleet") -> Celery:
 
 
 class BatchSender:
-    """Sends batch tasks by name, pausing while the queue is longer than `high_water` tasks."""
+    """Sends batch tasks by name, pausing while the queue is longer than `high_water` tasks. Use from one thread.
+
+    Publishing and reading the queue length retry connection errors for about 30 s each, so a Redis restart
+    of a few seconds delays a submission without failing it.
+    """
 
     def __init__(self, app: Celery, queue: str, high_water: int, poll_s: float = 1.0) -> None:
         self.app = app
@@ -68,14 +82,59 @@ class BatchSender:
         self._connection: Any = None
 
     def send(self, message: BatchMessage) -> None:
+        """Wait while the queue is full, then publish one batch task; see `publish`."""
         self._wait_for_room()
-        self.app.send_task(TASK_CLASSIFY_BATCH, args=[message.model_dump(mode="json")], queue=self.queue)
+        self.publish(message)
+
+    def publish(self, message: BatchMessage) -> None:
+        """Publish one batch task. Raises kombu's OperationalError when Redis stays unreachable for about 30 s.
+
+        When Redis stores a message but the connection drops before its reply, the retry publishes the batch
+        a second time. Workers count a batch once by its number (`JobStore.record_batch`) and rewrite the same
+        shard, so the duplicate changes no result.
+        """
+
+        def log_publish_retry(error: BaseException, interval_s: float) -> None:
+            logger.warning(
+                "Job %s batch %d: publishing to queue %s failed, retrying in %.1f s: %s",
+                message.job_id, message.batch, self.queue, interval_s, error,
+            )
+
+        self.app.send_task(
+            TASK_CLASSIFY_BATCH,
+            args=[message.model_dump(mode="json")],
+            queue=self.queue,
+            retry=True,
+            retry_policy={
+                "max_retries": PUBLISH_MAX_RETRIES,
+                "interval_start": 0,
+                "interval_step": PUBLISH_INTERVAL_STEP_S,
+                "interval_max": PUBLISH_INTERVAL_MAX_S,
+                "errback": log_publish_retry,
+            },
+        )
 
     def queue_length(self) -> int:
         """Return the number of tasks waiting in the queue (the length of its Redis list)."""
+        return call_with_retry(
+            self._read_queue_length, QUEUE_LENGTH_RETRY, RetryScope("redis_llen", self.queue), self._drop_broken_connection
+        )
+
+    def _read_queue_length(self) -> int:
         if self._connection is None:
             self._connection = self.app.connection_for_write()
         return int(self._connection.default_channel.client.llen(self.queue))
+
+    def _drop_broken_connection(self, error: BaseException) -> bool:
+        """Release the connection after a connection error, so the retry opens a new one. Returns whether to retry."""
+        if not isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)):
+            return False
+        try:
+            self.close()
+        except (redis.exceptions.RedisError, OSError) as e:  # the connection is broken already, and a new one replaces it
+            logger.debug("Releasing the broken connection failed: %s", e)
+            self._connection = None
+        return True
 
     def close(self) -> None:
         if self._connection is not None:

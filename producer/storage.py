@@ -1,7 +1,11 @@
 """Reading, writing and listing in S3 or on the local file system, behind one interface.
 
-A `Storage` keeps one boto3 client, created on first use so that a worker process creates its own after
-fork. boto3 clients are thread-safe; the connection pool is sized by `max_pool_connections`.
+A `Storage` keeps two boto3 clients, created on first use so that a worker process creates its own after
+fork. boto3 clients are thread-safe; each connection pool is sized by `max_pool_connections`.
+
+- `client` keeps botocore's standard retries (6 attempts) and serves listing, reads of results and deletes.
+- `single_attempt_client` sends each request once. Shard writes (`put_bytes`) and the workers' image reads
+  retry through `producer.retry` instead, so every retry is logged and counted in the job's hash.
 """
 
 from __future__ import annotations
@@ -9,15 +13,27 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from producer.errors import InvalidJobSpec, StorageError
+from producer.retry import EventCounter, RetryPolicy, RetryScope, call_with_retry
 from producer.uris import S3Uri, parse_location
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Attempts of a call through `Storage.client`, the first included: botocore's standard mode with 5 retries.
+BOTOCORE_TOTAL_MAX_ATTEMPTS = 6
+# S3 error codes and HTTP statuses that a later attempt may not see again.
+TRANSIENT_S3_CODES = frozenset(
+    {"500", "502", "503", "504", "SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"}
+)
+TRANSIENT_HTTP_STATUSES = frozenset({500, 502, 503, 504})
 
 
 class OutputNotWritable(StorageError, InvalidJobSpec):
@@ -32,20 +48,39 @@ class Storage:
         endpoint_url: str | None = None,
         max_pool_connections: int = 16,
         timeout_s: float = 30.0,
+        retry_policy: RetryPolicy | None = None,
+        count_event: EventCounter | None = None,
     ) -> None:
+        """`retry_policy` bounds the retries of `put_bytes` and `call_with_retry`. `count_event(job_id, field)`,
+        such as `JobStore.count_event`, counts them in the job's hash. Without it retries are only logged."""
         self.endpoint_url = endpoint_url
         self.max_pool_connections = max_pool_connections
         self.timeout_s = timeout_s
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.count_event = count_event
         self._client: Any = None
+        self._single_attempt_client: Any = None
+        self._lock = threading.Lock()
 
     @property
     def client(self) -> Any:
-        """The boto3 S3 client, created on first use."""
+        """The boto3 S3 client with botocore's standard retries, created on first use."""
         if self._client is None:
-            self._client = self._make_client()
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make_client(BOTOCORE_TOTAL_MAX_ATTEMPTS)
         return self._client
 
-    def _make_client(self) -> Any:
+    @property
+    def single_attempt_client(self) -> Any:
+        """A boto3 S3 client that sends each request once, for calls retried by `call_with_retry`."""
+        if self._single_attempt_client is None:
+            with self._lock:
+                if self._single_attempt_client is None:
+                    self._single_attempt_client = self._make_client(1)
+        return self._single_attempt_client
+
+    def _make_client(self, total_max_attempts: int) -> Any:
         import boto3
         from botocore.config import Config
 
@@ -53,20 +88,43 @@ class Storage:
             max_pool_connections=self.max_pool_connections,
             connect_timeout=self.timeout_s,
             read_timeout=self.timeout_s,
-            retries={"mode": "standard", "max_attempts": 5},
+            retries={"mode": "standard", "total_max_attempts": total_max_attempts},
         )
         return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
 
-    def put_bytes(self, location: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def call_with_retry(self, call: Callable[[], T], scope: RetryScope) -> T:
+        """Return `call()`, retried by this storage's policy while it raises a transient S3 error.
+
+        `call` should use `single_attempt_client`, or botocore retries inside each attempt too. Raises the
+        permanent error at once, or the last transient one once attempts or time run out.
+        """
+        return call_with_retry(call, self.retry_policy, scope, is_transient_s3_error, self.count_event)
+
+    def put_bytes(
+        self,
+        location: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        job_id: str | None = None,
+        batch: int | None = None,
+    ) -> None:
         """Write `data` to an S3 object or a local file, replacing what was there.
 
-        A local file is written to a temporary file in the same folder and renamed, so readers never see a
-        partial file. Raises StorageError naming the location.
+        An S3 write is retried on transient errors (see `is_transient_s3_error`); `job_id` and `batch` name
+        the retries in the log and count them in that job's hash. A local file is written to a temporary
+        file in the same folder and renamed, so readers never see a partial file. Raises StorageError
+        naming the location.
         """
         target = parse_location(location)
         try:
             if isinstance(target, S3Uri):
-                self.client.put_object(Bucket=target.bucket, Key=target.key, Body=data, ContentType=content_type)
+                self.call_with_retry(
+                    lambda: self.single_attempt_client.put_object(
+                        Bucket=target.bucket, Key=target.key, Body=data, ContentType=content_type
+                    ),
+                    RetryScope("s3_put", location, job_id, batch),
+                )
             else:
                 _write_atomically(target, data)
         except (OSError, *self._client_errors()) as e:
@@ -151,6 +209,38 @@ class Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         return (BotoCoreError, ClientError)
+
+
+def is_transient_s3_error(error: BaseException) -> bool:
+    """Return True for an S3 failure that a later attempt may not see: 5xx, throttling, timeouts, dropped connections.
+
+    Not found, access denied and every other 4xx are permanent, and so is any exception not raised by
+    botocore or urllib3 (decode errors, `too_large`).
+    """
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import ProtocolError
+
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return _error_code(error) in TRANSIENT_S3_CODES or status in TRANSIENT_HTTP_STATUSES
+    transient = (
+        ConnectionClosedError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+        ConnectTimeoutError,
+        IncompleteReadError,
+        ResponseStreamingError,
+        ProtocolError,
+    )
+    return isinstance(error, transient)
 
 
 def _error_code(error: BaseException) -> str:

@@ -1,14 +1,18 @@
 """Reading one image's bytes from S3 or a local folder, with the size limit checked before the whole read.
 
 Every failure that belongs to the image alone becomes an `ImageError` with a documented code, which
-`workers.pipeline` writes as that image's error row instead of failing the batch.
+`workers.pipeline` writes as that image's error row instead of failing the batch. Transient S3 failures
+(see `producer.storage.is_transient_s3_error`) are retried first, by the storage's `RetryPolicy`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
+from producer.retry import RetryScope
 from producer.storage import Storage
 from producer.uris import S3Uri, is_s3_uri, parse_s3_uri, shorten, uri_scheme
 from workers.images import ImageError
@@ -25,15 +29,21 @@ def fetch_bytes(
     max_bytes: int,
     allowed_buckets: list[str],
     local_root: Path | None,
+    *,
+    job_id: str | None = None,
+    batch: int | None = None,
 ) -> bytes:
     """Return the bytes of the image at `uri`. Thread-safe. Raises ImageError for any per-image failure.
+
+    An S3 read is retried on transient errors. `job_id` and `batch` name those retries in the log, and
+    they are counted in the job's hash as `retries:s3_get` and `giveups:s3_get`.
 
     Only `s3://` URIs and, for a job with a local source (`local_root` set), local paths are read. Any other
     scheme, such as `http://` or `file://`, and a local path in a job whose source is in S3 raise
     ImageError("access_denied") before anything is opened.
     """
     if is_s3_uri(uri):
-        return _fetch_s3(storage, uri, max_bytes, allowed_buckets)
+        return _fetch_s3(storage, uri, max_bytes, allowed_buckets, RetryScope("s3_get", uri, job_id, batch))
     scheme = uri_scheme(uri)
     if scheme is not None:
         raise ImageError("access_denied", f"{shorten(uri)} was not read: scheme {scheme!r} is not supported; use s3://bucket/key")
@@ -42,13 +52,14 @@ def fetch_bytes(
     return _fetch_local(uri, max_bytes, local_root)
 
 
-def _fetch_s3(storage: Storage, uri: str, max_bytes: int, allowed_buckets: list[str]) -> bytes:
+def _fetch_s3(storage: Storage, uri: str, max_bytes: int, allowed_buckets: list[str], scope: RetryScope) -> bytes:
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
         ConnectTimeoutError,
         ReadTimeoutError,
     )
+    from urllib3.exceptions import ProtocolError
 
     try:
         location = parse_s3_uri(uri)
@@ -57,20 +68,20 @@ def _fetch_s3(storage: Storage, uri: str, max_bytes: int, allowed_buckets: list[
     if allowed_buckets and location.bucket not in allowed_buckets:
         raise ImageError("access_denied", f"bucket {location.bucket!r} is not in CLIPFLEET_ALLOWED_BUCKETS")
     try:
-        return _read_limited(storage, location, max_bytes)
+        return storage.call_with_retry(lambda: _read_limited(storage, location, max_bytes), scope)
     except ClientError as e:
         raise _client_error(e, uri) from e
     except (ReadTimeoutError, ConnectTimeoutError) as e:
-        # NOTE: botocore retries a timed-out GET, and Storage allows 6 attempts with up to 31 s of
-        # backoff in total, so an object that never responds takes up to about 6 x
-        # CLIPFLEET_FETCH_TIMEOUT_S + 31 s to reach this line (37.6 s measured at a 2 s timeout).
+        # An object that never responds reaches this line after CLIPFLEET_S3_MAX_ATTEMPTS read timeouts
+        # plus the backoff between them: 8.7 s measured with the defaults at CLIPFLEET_FETCH_TIMEOUT_S=2
+        # (a stalling proxy in front of moto), where botocore's own retries took 37.6 s.
         raise ImageError("fetch_timeout", f"reading {uri} timed out: {e}") from e
-    except BotoCoreError as e:
+    except (BotoCoreError, ProtocolError) as e:
         raise ImageError("fetch_error", f"reading {uri} failed: {e}") from e
 
 
 def _read_limited(storage: Storage, location: S3Uri, max_bytes: int) -> bytes:
-    response = storage.client.get_object(Bucket=location.bucket, Key=location.key)
+    response = storage.single_attempt_client.get_object(Bucket=location.bucket, Key=location.key)
     body = response["Body"]
     try:
         size = int(response.get("ContentLength", 0))
@@ -98,11 +109,17 @@ def _fetch_local(uri: str, max_bytes: int, local_root: Path | None) -> bytes:
     if local_root is not None and not _is_inside(path, local_root):
         raise ImageError("access_denied", f"{uri} is outside the job's source folder {str(local_root)!r}")
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise ImageError("too_large", _too_large(uri, size, max_bytes))
-        with path.open("rb") as file:
-            data = file.read(max_bytes + 1)
+        # O_NONBLOCK keeps a FIFO or device from blocking the open; the type check then rejects it.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
+                raise ImageError("access_denied", f"{uri} is not a regular file (a folder, FIFO, device or socket)")
+            if status.st_size > max_bytes:
+                raise ImageError("too_large", _too_large(uri, status.st_size, max_bytes))
+            data = _read_up_to(descriptor, max_bytes + 1)
+        finally:
+            os.close(descriptor)
     except FileNotFoundError as e:
         raise ImageError("not_found", f"{uri} does not exist") from e
     except PermissionError as e:
@@ -112,6 +129,15 @@ def _fetch_local(uri: str, max_bytes: int, local_root: Path | None) -> bytes:
     if len(data) > max_bytes:
         raise ImageError("too_large", _too_large(uri, len(data), max_bytes))
     return data
+
+
+def _read_up_to(descriptor: int, limit_bytes: int) -> bytes:
+    chunks = []
+    remaining = limit_bytes
+    while remaining > 0 and (chunk := os.read(descriptor, min(remaining, 1 << 20))):
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
 
 
 def _is_inside(path: Path, root: Path) -> bool:

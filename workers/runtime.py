@@ -13,10 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
+from producer.retry import RetryPolicy
 from producer.settings import Settings
 from producer.spec import JobSpec
 from producer.state import JobStore
 from producer.storage import Storage
+from workers.images import PixelBudget
 from workers.model import LoadedModel, load_model
 from workers.prompts import PromptCache
 
@@ -35,11 +37,18 @@ class WorkerRuntime:
         self.settings = settings
         # Pillow's own decompression-bomb check follows the same limit as decode_image's.
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
-        # One connection per fetch thread, plus room for shard writes.
-        self.storage = Storage(settings.s3_endpoint_url, settings.fetch_threads + 4, settings.fetch_timeout_s)
         self.store = JobStore.from_url(settings.redis_url)
+        # One connection per fetch thread, plus room for shard writes. S3 retries are counted in the job's hash.
+        self.storage = Storage(
+            settings.s3_endpoint_url,
+            settings.fetch_threads + 4,
+            settings.fetch_timeout_s,
+            retry_policy=RetryPolicy(settings.s3_max_attempts, settings.retry_base_s, settings.retry_max_s),
+            count_event=self.store.count_event,
+        )
         self.prompts = PromptCache(self.store.redis)
         self.pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="clipfleet-fetch")
+        self.decode_budget = PixelBudget(settings.decode_budget_pixels)
         self._models: OrderedDict[tuple[str, str | None], LoadedModel] = OrderedDict()
         self._specs: OrderedDict[str, JobSpec] = OrderedDict()
 

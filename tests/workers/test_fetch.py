@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
+import os
 from pathlib import Path
-from typing import Any
 
-import boto3
 import pytest
 from botocore.client import BaseClient
-from botocore.config import Config
 
+from producer.errors import StorageError
+from producer.retry import RetryPolicy
 from producer.settings import Settings
+from producer.state import JobStore
 from producer.storage import Storage
 from tests.support.s3proxy import S3FaultProxy
 from tests.support.servers import S3Server
@@ -172,17 +174,26 @@ def test_runtime_fetch_threads(runtime: WorkerRuntime) -> None:
 # --- faults injected between the worker and S3 -------------------------------------------------
 
 
-class SingleAttemptStorage(Storage):
-    """A Storage whose client sends each request once, so a fault reaches fetch_bytes without retries."""
+def single_attempt_storage(endpoint_url: str, timeout_s: float = 30.0) -> Storage:
+    """A Storage that sends each request once, so a fault reaches fetch_bytes without retries."""
+    return Storage(endpoint_url, timeout_s=timeout_s, retry_policy=RetryPolicy(max_attempts=1))
 
-    def _make_client(self) -> Any:
-        config = Config(
-            max_pool_connections=self.max_pool_connections,
-            connect_timeout=self.timeout_s,
-            read_timeout=self.timeout_s,
-            retries={"mode": "standard", "total_max_attempts": 1},
-        )
-        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+
+def fast_retry_storage(endpoint_url: str, store: JobStore | None = None, timeout_s: float = 30.0) -> Storage:
+    """A Storage that makes 4 attempts with short backoff, counting its retries in `store` when given."""
+    return Storage(
+        endpoint_url,
+        timeout_s=timeout_s,
+        retry_policy=RetryPolicy(max_attempts=4, base_s=0.05, max_total_s=10.0),
+        count_event=store.count_event if store is not None else None,
+    )
+
+
+def running_job_store(redis_url: str) -> JobStore:
+    """Return a job store holding a running job `job-fetch`, whose hash the retry counters go into."""
+    store = JobStore.from_url(redis_url)
+    store.redis.hset("clipfleet:job:job-fetch", "state", "running")
+    return store
 
 
 @pytest.fixture
@@ -200,7 +211,7 @@ def stored_key(s3_client: BaseClient, bucket: str) -> str:
 @pytest.mark.timeout(30)
 def test_s3_stalled_get_is_fetch_timeout(proxy: S3FaultProxy, stored_key: str) -> None:
     proxy.add_rule("stall", method="GET", key_contains="faulty/", stall_s=3.0)
-    storage = SingleAttemptStorage(proxy.endpoint_url, timeout_s=0.5)
+    storage = single_attempt_storage(proxy.endpoint_url, timeout_s=0.5)
     started = time.monotonic()
     error = fetch_error(storage, stored_key)
     assert error.code == "fetch_timeout"
@@ -210,7 +221,7 @@ def test_s3_stalled_get_is_fetch_timeout(proxy: S3FaultProxy, stored_key: str) -
 @pytest.mark.timeout(30)
 def test_s3_slow_down_is_fetch_error(proxy: S3FaultProxy, stored_key: str) -> None:
     proxy.add_rule("slow_down_503", method="GET", key_contains="faulty/")
-    error = fetch_error(SingleAttemptStorage(proxy.endpoint_url), stored_key)
+    error = fetch_error(single_attempt_storage(proxy.endpoint_url), stored_key)
     assert error.code == "fetch_error"
     assert "SlowDown" in error.message
 
@@ -218,7 +229,7 @@ def test_s3_slow_down_is_fetch_error(proxy: S3FaultProxy, stored_key: str) -> No
 @pytest.mark.timeout(30)
 def test_s3_internal_error_is_fetch_error(proxy: S3FaultProxy, stored_key: str) -> None:
     proxy.add_rule("error_500", method="GET", key_contains="faulty/")
-    error = fetch_error(SingleAttemptStorage(proxy.endpoint_url), stored_key)
+    error = fetch_error(single_attempt_storage(proxy.endpoint_url), stored_key)
     assert error.code == "fetch_error"
     assert "InternalError" in error.message
 
@@ -226,16 +237,94 @@ def test_s3_internal_error_is_fetch_error(proxy: S3FaultProxy, stored_key: str) 
 @pytest.mark.timeout(30)
 def test_s3_dropped_connection_is_fetch_error(proxy: S3FaultProxy, stored_key: str) -> None:
     proxy.add_rule("drop", method="GET", key_contains="faulty/")
-    assert fetch_error(SingleAttemptStorage(proxy.endpoint_url), stored_key).code == "fetch_error"
+    assert fetch_error(single_attempt_storage(proxy.endpoint_url), stored_key).code == "fetch_error"
 
 
 @pytest.mark.timeout(30)
 def test_s3_transient_slow_down_retried(proxy: S3FaultProxy, stored_key: str) -> None:
     """The product's own Storage retries throttling, so two 503 responses before a 200 still return the bytes."""
     proxy.add_rule("slow_down_503", method="GET", key_contains="faulty/", max_hits=2)
-    storage = Storage(endpoint_url=proxy.endpoint_url)
+    storage = fast_retry_storage(proxy.endpoint_url)
     assert fetch_bytes(storage, stored_key, MAX_BYTES, [], None) == BODY
     assert len(proxy.injected) == 2
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("action", ["error_500", "slow_down_503", "drop"])
+def test_s3_fault_retried_and_counted(
+    proxy: S3FaultProxy, stored_key: str, redis_url: str, action: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each kind of transient fault is retried by the helper, logged with the job id and batch, and counted."""
+    store = running_job_store(redis_url)
+    proxy.add_rule(action, method="GET", key_contains="faulty/", max_hits=2)
+    storage = fast_retry_storage(proxy.endpoint_url, store)
+    with caplog.at_level(logging.WARNING, logger="producer.retry"):
+        data = fetch_bytes(storage, stored_key, MAX_BYTES, [], None, job_id="job-fetch", batch=7)
+    assert data == BODY
+    assert len(proxy.injected) == 2
+    assert store.redis.hget("clipfleet:job:job-fetch", "retries:s3_get") == b"2"
+    retry_lines = [record.getMessage() for record in caplog.records if "retrying" in record.getMessage()]
+    assert len(retry_lines) == 2
+    assert all("Job job-fetch batch 7" in line and stored_key in line for line in retry_lines)
+
+
+@pytest.mark.timeout(30)
+def test_s3_gives_up_after_max_attempts(proxy: S3FaultProxy, stored_key: str, redis_url: str) -> None:
+    store = running_job_store(redis_url)
+    proxy.add_rule("error_500", method="GET", key_contains="faulty/")
+    error = fetch_error_for_job(fast_retry_storage(proxy.endpoint_url, store), stored_key)
+    assert error.code == "fetch_error"
+    assert len(proxy.injected) == 4
+    assert store.redis.hget("clipfleet:job:job-fetch", "retries:s3_get") == b"3"
+    assert store.redis.hget("clipfleet:job:job-fetch", "giveups:s3_get") == b"1"
+
+
+@pytest.mark.timeout(30)
+def test_s3_missing_key_not_retried(proxy: S3FaultProxy, bucket: str, redis_url: str) -> None:
+    store = running_job_store(redis_url)
+    error = fetch_error_for_job(fast_retry_storage(proxy.endpoint_url, store), f"s3://{bucket}/faulty/missing.jpg")
+    assert error.code == "not_found"
+    assert store.redis.hgetall("clipfleet:job:job-fetch") == {b"state": b"running"}
+
+
+@pytest.mark.timeout(30)
+def test_s3_stalled_get_bounded_by_attempts(proxy: S3FaultProxy, stored_key: str) -> None:
+    """A GET that never answers fails after 4 read timeouts of 0.5 s plus short backoff, not after minutes."""
+    proxy.add_rule("stall", method="GET", key_contains="faulty/", stall_s=5.0)
+    storage = fast_retry_storage(proxy.endpoint_url, timeout_s=0.5)
+    started = time.monotonic()
+    error = fetch_error(storage, stored_key)
+    elapsed_s = time.monotonic() - started
+    assert error.code == "fetch_timeout"
+    assert len(proxy.injected) == 4
+    assert elapsed_s < 4.0
+
+
+@pytest.mark.timeout(30)
+def test_s3_put_retried_and_counted(proxy: S3FaultProxy, bucket: str, s3_client: BaseClient, redis_url: str) -> None:
+    store = running_job_store(redis_url)
+    proxy.add_rule("slow_down_503", method="PUT", key_contains="faulty/", max_hits=1)
+    proxy.add_rule("drop", method="PUT", key_contains="faulty/", max_hits=1)
+    storage = fast_retry_storage(proxy.endpoint_url, store)
+    storage.put_bytes(f"s3://{bucket}/faulty/part-000003.jsonl", b"row\n", job_id="job-fetch", batch=3)
+    assert s3_client.get_object(Bucket=bucket, Key="faulty/part-000003.jsonl")["Body"].read() == b"row\n"
+    assert len(proxy.injected) == 2
+    assert store.redis.hget("clipfleet:job:job-fetch", "retries:s3_put") == b"2"
+
+
+@pytest.mark.timeout(30)
+def test_s3_put_gives_up_as_storage_error(proxy: S3FaultProxy, bucket: str) -> None:
+    proxy.add_rule("error_500", method="PUT", key_contains="faulty/")
+    storage = fast_retry_storage(proxy.endpoint_url)
+    with pytest.raises(StorageError, match="InternalError"):
+        storage.put_bytes(f"s3://{bucket}/faulty/part-000004.jsonl", b"row\n")
+    assert len(proxy.injected) == 4
+
+
+def fetch_error_for_job(storage: Storage, uri: str) -> ImageError:
+    with pytest.raises(ImageError) as caught:
+        fetch_bytes(storage, uri, MAX_BYTES, [], None, job_id="job-fetch", batch=1)
+    return caught.value
 
 
 @pytest.mark.timeout(30)
@@ -246,3 +335,16 @@ def test_s3_too_large_through_proxy(proxy: S3FaultProxy, s3_client: BaseClient, 
     storage = Storage(endpoint_url=proxy.endpoint_url)
     assert fetch_error(storage, f"s3://{bucket}/faulty/big.bin", max_bytes=1000).code == "too_large"
     assert fetch_bytes(storage, f"s3://{bucket}/faulty/small.bin", MAX_BYTES, [], None) == BODY
+
+
+@pytest.mark.timeout(20)
+def test_local_fifo_rejected(storage: Storage, root: Path) -> None:
+    os.mkfifo(root / "pipe.jpg")
+    error = fetch_error(storage, str(root / "pipe.jpg"), local_root=root)
+    assert error.code == "access_denied"
+    assert "not a regular file" in error.message
+
+
+def test_local_directory_rejected(storage: Storage, root: Path) -> None:
+    (root / "folder.jpg").mkdir()
+    assert fetch_error(storage, str(root / "folder.jpg"), local_root=root).code == "access_denied"
