@@ -6,22 +6,23 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import redis
 
-from producer.constants import STATE_CANCELLED
+from producer.constants import ERROR_CODES, STATE_CANCELLED, STATE_SUCCEEDED
 from producer.errors import ClipfleetError, InvalidJobSpec
 from producer.messages import BatchMessage, check_job_id
 from producer.queue import BatchSender, make_celery
 from producer.redact import redact_url
-from producer.results import finalize_job, iter_results, job_output
+from producer.results import count_rows, finalize_job, iter_results, iter_shards, job_output
 from producer.settings import Settings
 from producer.sources import ListingStats, iter_source
-from producer.spec import JobSpec, build_spec, check_label_count, find_long_prompts
-from producer.state import JobStatus, JobStore
+from producer.spec import JobSpec, build_spec, check_job_size, find_long_prompts
+from producer.state import JobStatus, JobStore, RetryNotStarted, batch_counts_json
 from producer.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ class Client:
             self.store = JobStore.from_url(self.settings.redis_url)
         except ValueError as e:
             raise ClipfleetError(
-                f"CLIPFLEET_REDIS_URL={redact_url(self.settings.redis_url)!r} is not a valid Redis URL ({e}); "
-                "use the form redis://host:6379/0"
+                # redis-py's message may quote a malformed password, so only its type is shown.
+                f"CLIPFLEET_REDIS_URL={redact_url(self.settings.redis_url)!r} is not a valid Redis URL "
+                f"({type(e).__name__}); use the form redis://:PASSWORD@host:6379/0"
             ) from e
         self.storage = Storage(self.settings.s3_endpoint_url, timeout_s=self.settings.fetch_timeout_s)
         self._celery = make_celery(self.settings, name="clipfleet-producer")
@@ -122,6 +124,19 @@ class Client:
         return batch
 
 
+@dataclass(frozen=True)
+class RetryRound:
+    """The retry round that `Job.retry` started: `images` failed images sent in `batches` tasks.
+
+    `round` is None when the job had no failed images to retry, and then nothing was enqueued.
+    """
+
+    job_id: str
+    round: int | None
+    images: int
+    batches: int
+
+
 class Job:
     """A submitted job. Methods read Redis and object storage, so the object keeps no state of its own."""
 
@@ -195,6 +210,67 @@ class Job:
         """Stop the job: workers drop its remaining batches. Returns False if it had already ended."""
         return self.client.store.cancel(self.id)
 
+    def retry(self, codes: Collection[str] | None = None) -> RetryRound:
+        """Enqueue the failed images of a finished job again, as a new retry round, and return at once.
+
+        Failed images are the result rows with an `error`, limited to the error codes in `codes` when it
+        is given (by default every code, since the data behind any failure may have been fixed). Each
+        retried batch replaces those rows in its own shard, so the results keep one row per input. The job
+        runs again and is finalized, with a new `_SUCCESS.json`, once the round's batches finish; follow it
+        with `wait()`. A job without such rows is left as it is, and the result has `round=None`.
+
+        A succeeded job can be retried, and so can a cancelled one whose every first-run batch finished
+        (such as one whose earlier retry round was cancelled). Raises RetryNotStarted for a job in any
+        other state, JobNotFound when Redis has no such job, ValueError for an unknown error code in
+        `codes`, and StorageError when a shard cannot be read.
+        """
+        selected = check_error_codes(codes)
+        store = self.client.store
+        seen_round = store.retry_round(self.id)
+        state = store.state(self.id)
+        if state not in (STATE_SUCCEEDED, STATE_CANCELLED):
+            raise RetryNotStarted(
+                f"job {self.id} is {state}: only a succeeded or cancelled job can be retried; "
+                "wait for a running job to finish (`clipfleet wait`), and submit a failed job again"
+            )
+        failed_uris, baseline = self._failed_uris(selected)
+        if not failed_uris:
+            logger.info("Job %s has no failed images with codes %s; nothing to retry", self.id, sorted(selected))
+            return RetryRound(self.id, None, 0, 0)
+        retry_round = store.start_retry(self.id, seen_round, len(failed_uris), baseline)
+        images = sum(len(uris) for uris in failed_uris.values())
+        logger.info("Job %s retry round %d: %d failed images in %d batches", self.id, retry_round, images, len(failed_uris))
+        self._enqueue_retry(retry_round, failed_uris)
+        return RetryRound(self.id, retry_round, images, len(failed_uris))
+
+    def _failed_uris(self, codes: Collection[str]) -> tuple[dict[int, list[str]], dict[int, str]]:
+        """Return the URIs to retry by batch, and the counts of each of those batches' shards as JSON."""
+        failed_uris: dict[int, list[str]] = {}
+        baseline: dict[int, str] = {}
+        for batch, rows in iter_shards(self.client.storage, self.spec, self.id):
+            uris = [row["uri"] for row in rows if row["error"] is not None and row["error"]["code"] in codes]
+            if uris:
+                failed_uris[batch] = uris
+                baseline[batch] = batch_counts_json(*count_rows(rows))
+        return failed_uris, baseline
+
+    def _enqueue_retry(self, retry_round: int, failed_uris: Mapping[int, list[str]]) -> None:
+        """Send one task per batch. An error cancels the round, so a later `retry` can start again."""
+        settings = self.client.settings
+        sender = BatchSender(self.client._celery, settings.queue, settings.queue_high_water)
+        try:
+            for batch, uris in failed_uris.items():
+                if self.client.store.state(self.id) == STATE_CANCELLED:
+                    logger.info("Job %s was cancelled; retry round %d stopped enqueueing", self.id, retry_round)
+                    return
+                sender.send(BatchMessage(job_id=self.id, batch=batch, uris=uris, retry_round=retry_round))
+        except BaseException as e:
+            if self.client.store.cancel(self.id):
+                self.client.store.set_fields(self.id, error=f"retry round {retry_round} stopped while enqueueing: {e or type(e).__name__}")
+            raise
+        finally:
+            sender.close()
+
 
 class _ProgressBar:
     def __init__(self) -> None:
@@ -212,6 +288,18 @@ class _ProgressBar:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def check_error_codes(codes: Collection[str] | None) -> frozenset[str]:
+    """Return `codes` as a set, or every code of ERROR_CODES for None. Raises ValueError naming unknown codes."""
+    if codes is None:
+        return frozenset(ERROR_CODES)
+    unknown = sorted(set(codes) - set(ERROR_CODES))
+    if unknown:
+        raise ValueError(f"unknown error code(s) {unknown!r}: use some of {', '.join(ERROR_CODES)}")
+    if not codes:
+        raise ValueError(f"no error code given: use some of {', '.join(ERROR_CODES)}, or leave codes out to retry all")
+    return frozenset(codes)
 
 
 def new_job_id() -> str:
@@ -244,7 +332,7 @@ def make_spec(
     CLIPFLEET_ALLOWED_BUCKETS.
     """
     spec = build_spec(**_spec_fields(settings, source, labels, output, templates, model, batch_size, top_k, extensions))
-    check_label_count(spec, settings.max_labels)
+    check_job_size(spec, settings.max_labels, settings.max_prompts)
     allowed = set(settings.allowed_buckets)
     outside = sorted(spec.buckets() - allowed) if allowed else []
     if outside:

@@ -12,9 +12,14 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 # Every Redis key the product writes starts with this prefix.
 KEY_PREFIX = "clipfleet:"
 JOB_KEY = KEY_PREFIX + "job:{job_id}"  # hash: spec, state, counters, timestamps
-JOB_BATCHES_KEY = KEY_PREFIX + "job:{job_id}:batches"  # set of finished batch numbers
-JOB_ATTEMPTS_KEY = KEY_PREFIX + "job:{job_id}:attempts"  # hash: batch number -> deliveries
+# Batches of retry round N > 0 appear in the next two keys as "N:batch", first-run batches as "batch".
+JOB_BATCHES_KEY = KEY_PREFIX + "job:{job_id}:batches"  # set of finished batches
+JOB_ATTEMPTS_KEY = KEY_PREFIX + "job:{job_id}:attempts"  # hash: batch -> deliveries
+# hash: batch number -> JSON {"succeeded": n, "failed": n, "errors": {code: n}}, what the batch added to the counters
+JOB_BATCH_COUNTS_KEY = KEY_PREFIX + "job:{job_id}:batch_counts"
 JOB_FINALIZED_KEY = KEY_PREFIX + "job:{job_id}:finalized"  # set once, by the process that writes _SUCCESS.json
+# set once per retry round (1, 2, ...), by the process that rewrites _SUCCESS.json at the end of that round
+JOB_ROUND_FINALIZED_KEY = KEY_PREFIX + "job:{job_id}:finalized:{round}"
 JOBS_INDEX_KEY = KEY_PREFIX + "jobs"  # sorted set: job id scored by creation time
 PROMPT_CACHE_KEY = KEY_PREFIX + "prompts:{digest}"  # label embeddings, see workers.prompts
 
@@ -34,6 +39,12 @@ ERROR_CODES = {
     "delivery_attempts_exceeded": "the batch was delivered more times than the cap without finishing",
 }
 
+# Prefixes of counter fields in the job hash: `errors:<code>` counts result rows by error code, and
+# `retries:<kind>` counts retried operations (for example `retries:s3_get`), summed as the job's retries.
+ERRORS_FIELD_PREFIX = "errors:"
+RETRIES_FIELD_PREFIX = "retries:"
+REDELIVERIES_FIELD = "redeliveries"
+
 # Job states stored in the job hash.
 STATE_QUEUED = "queued"
 STATE_RUNNING = "running"
@@ -44,3 +55,10 @@ FINAL_STATES = (STATE_SUCCEEDED, STATE_CANCELLED, STATE_FAILED)
 
 SUCCESS_MARKER = "_SUCCESS.json"
 SHARD_NAME = "part-{batch:06d}.jsonl"
+
+# Images per batch, the largest `batch_size` a job may set.
+MAX_BATCH_SIZE = 4096
+# Longest URI or path a manifest line or a message may hold, in UTF-8 bytes. Linux paths are at most
+# 4,096 bytes (PATH_MAX). S3 URIs are shorter: `s3://`, a bucket of at most 63 characters, `/` and a key
+# of at most 1,024 bytes, which `parse_s3_uri` checks on its own.
+MAX_MANIFEST_URI_BYTES = 4096

@@ -2,41 +2,54 @@
 
 Counters are idempotent per batch: a batch that is delivered twice is counted once, because its number
 is added to a set and the counters move only when that set grows. Each update is one Lua script, so it
-is atomic even with many workers.
+is atomic even with many workers. What each batch added is kept per batch, so that a retry round can
+replace a batch's counts with those of its rewritten shard.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from producer.constants import (
+    ERRORS_FIELD_PREFIX,
     FINAL_STATES,
     JOB_ATTEMPTS_KEY,
+    JOB_BATCH_COUNTS_KEY,
     JOB_BATCHES_KEY,
     JOB_FINALIZED_KEY,
     JOB_KEY,
+    JOB_ROUND_FINALIZED_KEY,
     JOBS_INDEX_KEY,
+    REDELIVERIES_FIELD,
+    RETRIES_FIELD_PREFIX,
     STATE_CANCELLED,
     STATE_FAILED,
     STATE_QUEUED,
     STATE_RUNNING,
     STATE_SUCCEEDED,
 )
-from producer.errors import JobNotFound
+from producer.errors import ClipfleetError, JobNotFound
 from producer.messages import check_job_id
 from producer.redis_client import make_redis
 from producer.spec import JobSpec
 
-# KEYS: job hash, batch set. ARGV: batch number, succeeded, failed, now.
-# Returns {1 if newly counted else 0, 1 if this call completed the job else 0}.
+# KEYS: job hash, batch set, batch counts hash. ARGV: batch number, succeeded, failed, now, batch counts as JSON
+# {"succeeded", "failed", "errors": {code: rows}}. Returns {1 if newly counted else 0, 1 if this call completed the job else 0}.
 _RECORD_BATCH = """
+if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return {0, 0} end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {0, 0} end
 redis.call('HINCRBY', KEYS[1], 'succeeded', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'failed', ARGV[3])
+for code, rows in pairs(cjson.decode(ARGV[5])['errors']) do
+  redis.call('HINCRBY', KEYS[1], 'errors:' .. code, rows)
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
 local finished = redis.call('HINCRBY', KEYS[1], 'batches_done', 1)
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[4])
 if redis.call('HGET', KEYS[1], 'state') == 'queued' then redis.call('HSET', KEYS[1], 'state', 'running') end
@@ -44,6 +57,59 @@ local listed = redis.call('HGET', KEYS[1], 'listing_done') == '1'
 local total = tonumber(redis.call('HGET', KEYS[1], 'batches_total'))
 if listed and finished == total then return {1, 1} end
 return {1, 0}
+"""
+
+# KEYS: job hash. ARGV: field, amount. A job hash without a state (lost in a Redis restart without
+# persistence) is not recreated with a lone counter.
+_COUNT_EVENT = """
+if redis.call('HEXISTS', KEYS[1], 'state') == 1 then redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) end
+return 0
+"""
+
+# A retry batch replaces the counts its batch added before with the counts of its rewritten shard.
+# KEYS: job hash, batch set, batch counts hash. ARGV: member of the batch set ("round:batch"), batch number,
+# round, the batch's new counts as JSON, or "" to keep the old ones (its shard could not be rewritten).
+# Returns {1 if newly counted else 0, 1 if this call finished the job's current round else 0}.
+_RECORD_RETRY_BATCH = """
+if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return {0, 0} end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {0, 0} end
+local old_json = redis.call('HGET', KEYS[3], ARGV[2])
+if ARGV[4] ~= '' and old_json then
+  local old = cjson.decode(old_json)
+  local new = cjson.decode(ARGV[4])
+  redis.call('HINCRBY', KEYS[1], 'succeeded', new['succeeded'] - old['succeeded'])
+  redis.call('HINCRBY', KEYS[1], 'failed', new['failed'] - old['failed'])
+  for code, rows in pairs(old['errors']) do redis.call('HINCRBY', KEYS[1], 'errors:' .. code, -rows) end
+  for code, rows in pairs(new['errors']) do redis.call('HINCRBY', KEYS[1], 'errors:' .. code, rows) end
+  redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
+end
+if redis.call('HGET', KEYS[1], 'retry_round') ~= ARGV[3] then return {1, 0} end
+local finished = redis.call('HINCRBY', KEYS[1], 'round_batches_done', 1)
+if finished == tonumber(redis.call('HGET', KEYS[1], 'round_batches_total')) then return {1, 1} end
+return {1, 0}
+"""
+
+# Starts the next retry round of a finished job whose every first-run batch was counted.
+# KEYS: job hash, batch counts hash. ARGV: the round the caller last read, batches in the new round, now,
+# then pairs of batch number and counts JSON, stored only for batches that have none yet.
+# Returns the new round, or -1 when the job is not succeeded or cancelled, -2 when its round changed since
+# the caller read it, -3 when some first-run batch never finished.
+_START_RETRY = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'succeeded' and state ~= 'cancelled' then return -1 end
+local round = tonumber(redis.call('HGET', KEYS[1], 'retry_round') or '0')
+if round ~= tonumber(ARGV[1]) then return -2 end
+local listed = redis.call('HGET', KEYS[1], 'listing_done') == '1'
+if not listed or redis.call('HGET', KEYS[1], 'batches_done') ~= redis.call('HGET', KEYS[1], 'batches_total') then
+  return -3
+end
+for i = 4, #ARGV, 2 do redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) end
+local finished_at = redis.call('HGET', KEYS[1], 'finished_at')
+if finished_at then redis.call('HSETNX', KEYS[1], 'first_finished_at', finished_at) end
+redis.call('HSET', KEYS[1], 'state', 'running', 'retry_round', round + 1, 'round_batches_total', ARGV[2],
+  'round_batches_done', '0', 'round_started_at', ARGV[3])
+redis.call('HDEL', KEYS[1], 'finished_at', 'error')
+return round + 1
 """
 
 # KEYS: job hash. ARGV: images, skipped, batches. Returns 1 if every batch had already finished.
@@ -63,9 +129,18 @@ return 0
 """
 
 
+class RetryNotStarted(ClipfleetError):
+    """A retry round was not started because of the job's state. The message names the state and what to do."""
+
+
 @dataclass(frozen=True)
 class JobStatus:
-    """A snapshot of one job. `done` counts finished images, successful or not; `failed` is part of `done`."""
+    """A snapshot of one job. `done` counts finished images, successful or not; `failed` is part of `done`.
+
+    `errors` maps each error code to its number of result rows (they sum to `failed`). `retries` maps each
+    kind of retried operation (such as `s3_get`) to its count, and `retries_total` sums them. `redeliveries`
+    counts deliveries of a batch beyond its first. `retry_round` is 0 until `clipfleet retry` starts round 1.
+    """
 
     job_id: str
     state: str
@@ -79,6 +154,11 @@ class JobStatus:
     started_at: float | None
     finished_at: float | None
     error: str | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
+    retries_total: int = 0
+    redeliveries: int = 0
+    retry_round: int = 0
 
     @property
     def succeeded(self) -> int:
@@ -101,6 +181,9 @@ class JobStore:
         self._record = client.register_script(_RECORD_BATCH)
         self._finish = client.register_script(_FINISH_LISTING)
         self._start = client.register_script(_START_BATCH)
+        self._record_retry = client.register_script(_RECORD_RETRY_BATCH)
+        self._start_retry = client.register_script(_START_RETRY)
+        self._count_event = client.register_script(_COUNT_EVENT)
 
     @classmethod
     def from_url(cls, url: str) -> "JobStore":
@@ -134,30 +217,89 @@ class JobStore:
         """Record the final totals. Returns True when every batch had already finished, so the caller finalizes."""
         return bool(self._finish(keys=[_job_key(job_id)], args=[images, skipped, batches]))
 
-    def record_batch(self, job_id: str, batch: int, succeeded: int, failed: int) -> tuple[bool, bool]:
-        """Count a finished batch once. Returns `(counted, completed_job)`; a repeat returns `(False, False)`."""
-        keys = [_job_key(job_id), _job_key(job_id, JOB_BATCHES_KEY)]
-        counted, completed = self._record(keys=keys, args=[batch, succeeded, failed, repr(time.time())])
+    def record_batch(
+        self, job_id: str, batch: int, succeeded: int, failed: int, errors: Mapping[str, int] | None = None
+    ) -> tuple[bool, bool]:
+        """Count a finished first-run batch once. Returns `(counted, completed_job)`; a repeat returns `(False, False)`.
+
+        `errors` maps error codes to their numbers of rows in the batch, added to the `errors:<code>` counters.
+        """
+        counts = batch_counts_json(succeeded, failed, errors or {})
+        keys = [_job_key(job_id), _job_key(job_id, JOB_BATCHES_KEY), _job_key(job_id, JOB_BATCH_COUNTS_KEY)]
+        counted, completed = self._record(keys=keys, args=[batch, succeeded, failed, repr(time.time()), counts])
         return bool(counted), bool(completed)
 
-    def is_batch_done(self, job_id: str, batch: int) -> bool:
-        return bool(self.redis.sismember(_job_key(job_id, JOB_BATCHES_KEY), batch))
+    def record_retry_batch(
+        self, job_id: str, batch: int, retry_round: int, counts: tuple[int, int, Mapping[str, int]] | None
+    ) -> tuple[bool, bool]:
+        """Count a finished batch of retry round `retry_round` once, and correct the job's counters.
 
-    def count_delivery(self, job_id: str, batch: int) -> int:
-        """Count one more delivery of a batch and return how many there have been, this one included."""
-        return int(self.redis.hincrby(_job_key(job_id, JOB_ATTEMPTS_KEY), str(batch), 1))
+        `counts` is `(succeeded, failed, errors by code)` over the batch's whole rewritten shard. The counters
+        move by the difference from what the batch counted before, so an image that now succeeds moves
+        from `failed` and its `errors:<code>` to `succeeded`. Pass None when the shard could not be rewritten:
+        the batch then counts as done without changing the counters. Returns `(counted, completed_round)`;
+        a repeat returns `(False, False)`, and so does a batch of a round other than the job's current one
+        for `completed_round`.
+        """
+        keys = [_job_key(job_id), _job_key(job_id, JOB_BATCHES_KEY), _job_key(job_id, JOB_BATCH_COUNTS_KEY)]
+        counts_json = "" if counts is None else batch_counts_json(*counts)
+        args = [_batch_member(batch, retry_round), batch, retry_round, counts_json]
+        counted, completed = self._record_retry(keys=keys, args=args)
+        return bool(counted), bool(completed)
+
+    def start_retry(self, job_id: str, seen_round: int, batches: int, baseline: Mapping[int, str]) -> int:
+        """Move a finished job to running in retry round `seen_round + 1`, with `batches` batches to wait for.
+
+        `baseline` maps batch numbers to counts JSON (see `batch_counts_json`) read from their shards. They
+        are stored only for batches that recorded no counts, as jobs counted before per-batch counts existed.
+        Returns the new round. Raises RetryNotStarted when the job is neither succeeded nor cancelled, when
+        another retry started since `seen_round` was read, or when some first-run batch never finished.
+        """
+        args: list[Any] = [seen_round, batches, repr(time.time())]
+        for batch, counts in baseline.items():
+            args.extend((batch, counts))
+        result = int(self._start_retry(keys=[_job_key(job_id), _job_key(job_id, JOB_BATCH_COUNTS_KEY)], args=args))
+        if result == -1:
+            raise RetryNotStarted(
+                f"job {job_id} is {self.state(job_id)}: only a succeeded or cancelled job can be retried; "
+                "wait for a running job to finish (`clipfleet wait`), and submit a failed job again"
+            )
+        if result == -2:
+            raise RetryNotStarted(f"job {job_id}: another retry started meanwhile; follow it with `clipfleet wait {job_id}`")
+        if result == -3:
+            raise RetryNotStarted(
+                f"job {job_id} was cancelled before every batch finished, so some images have no result row; "
+                "submit the job again instead"
+            )
+        return result
+
+    def retry_round(self, job_id: str) -> int:
+        """Return the job's current retry round: 0 before any `clipfleet retry`. Raises JobNotFound."""
+        self.state(job_id)
+        return int(self.redis.hget(_job_key(job_id), "retry_round") or 0)
+
+    def is_batch_done(self, job_id: str, batch: int, retry_round: int = 0) -> bool:
+        return bool(self.redis.sismember(_job_key(job_id, JOB_BATCHES_KEY), _batch_member(batch, retry_round)))
+
+    def count_delivery(self, job_id: str, batch: int, retry_round: int = 0) -> int:
+        """Count one more delivery of a batch in a round and return how many there have been, this one included."""
+        return int(self.redis.hincrby(_job_key(job_id, JOB_ATTEMPTS_KEY), _batch_member(batch, retry_round), 1))
 
     def count_event(self, job_id: str, field: str, amount: int = 1) -> None:
         """Add `amount` to the job's counter `field`, such as `redeliveries` or `retries:s3`.
 
         These counters describe what happened on the way and are not idempotent: a redelivered batch
-        counts its retries again.
+        counts its retries again. A job that Redis no longer holds is left absent.
         """
-        self.redis.hincrby(_job_key(job_id), field, amount)
+        self._count_event(keys=[_job_key(job_id)], args=[field, amount])
 
-    def claim_finalization(self, job_id: str) -> bool:
-        """Return True to exactly one caller per job: the one that writes the success marker."""
-        return bool(self.redis.set(_job_key(job_id, JOB_FINALIZED_KEY), "1", nx=True))
+    def claim_finalization(self, job_id: str, retry_round: int = 0) -> bool:
+        """Return True to exactly one caller per job and round: the one that writes the success marker."""
+        if retry_round == 0:
+            key = _job_key(job_id, JOB_FINALIZED_KEY)
+        else:
+            key = JOB_ROUND_FINALIZED_KEY.format(job_id=check_job_id(job_id), round=int(retry_round))
+        return bool(self.redis.set(key, "1", nx=True))
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         self.redis.hset(_job_key(job_id), mapping={k: str(v) for k, v in fields.items()})
@@ -199,7 +341,9 @@ class JobStore:
 
     def _fields(self, job_id: str) -> dict[str, str]:
         raw = self.redis.hgetall(_job_key(job_id))
-        if not raw:
+        # A hash without a state holds only counters that a worker wrote after Redis lost the job (a restart
+        # without persistence), so the job is gone all the same.
+        if b"state" not in raw:
             raise JobNotFound(f"job {job_id!r} not found in Redis; check the id and CLIPFLEET_REDIS_URL")
         return {key.decode(): value.decode() for key, value in raw.items()}
 
@@ -210,9 +354,12 @@ class JobStore:
         done = int(fields["succeeded"]) + int(fields["failed"])
         started_at = _float_or_none(fields.get("started_at"))
         finished_at = _float_or_none(fields.get("finished_at"))
-        images_per_s = _rate(done, started_at, finished_at)
+        # The rate is the first run's, because a retry round may start long after it ended.
+        images_per_s = _rate(done, started_at, _float_or_none(fields.get("first_finished_at")) or finished_at)
         eta_s = None
-        if images_per_s and total is not None and fields["state"] == STATE_RUNNING:
+        retry_round = int(fields.get("retry_round", 0))
+        # A retry round re-runs images already counted in `done`, so no estimate is given for it.
+        if images_per_s and total is not None and fields["state"] == STATE_RUNNING and not retry_round:
             eta_s = max(total - done, 0) / images_per_s
         return JobStatus(
             job_id=job_id,
@@ -227,6 +374,11 @@ class JobStore:
             started_at=started_at,
             finished_at=finished_at,
             error=fields.get("error") or None,
+            errors=error_counts(fields),
+            retries=retry_counts(fields),
+            retries_total=sum(retry_counts(fields).values()),
+            redeliveries=int(fields.get(REDELIVERIES_FIELD, 0)),
+            retry_round=retry_round,
         )
 
     def listed(self, job_id: str) -> int:
@@ -236,6 +388,31 @@ class JobStore:
 def _job_key(job_id: str, template: str = JOB_KEY) -> str:
     """Return the Redis key of `template` for a job. Raises InvalidJobId before an invalid id reaches a key."""
     return template.format(job_id=check_job_id(job_id))
+
+
+def _batch_member(batch: int, retry_round: int) -> str:
+    """Return a batch's name in the batch set and the attempts hash: `7` in the first run, `2:7` in round 2."""
+    return str(batch) if retry_round == 0 else f"{retry_round}:{batch}"
+
+
+def batch_counts_json(succeeded: int, failed: int, errors: Mapping[str, int]) -> str:
+    """Return the JSON that `JobStore` keeps per batch: `{"succeeded": n, "failed": n, "errors": {code: n}}`."""
+    return json.dumps({"succeeded": succeeded, "failed": failed, "errors": dict(errors)}, sort_keys=True)
+
+
+def error_counts(fields: Mapping[str, str]) -> dict[str, int]:
+    """Return the non-zero `errors:<code>` counters of a job hash as `{code: rows}`, sorted by code."""
+    return _prefixed_counts(fields, ERRORS_FIELD_PREFIX)
+
+
+def retry_counts(fields: Mapping[str, str]) -> dict[str, int]:
+    """Return the non-zero `retries:<kind>` counters of a job hash as `{kind: retries}`, sorted by kind."""
+    return _prefixed_counts(fields, RETRIES_FIELD_PREFIX)
+
+
+def _prefixed_counts(fields: Mapping[str, str], prefix: str) -> dict[str, int]:
+    counts = {name[len(prefix):]: int(value) for name, value in fields.items() if name.startswith(prefix)}
+    return {name: counts[name] for name in sorted(counts) if counts[name]}
 
 
 def _float_or_none(value: str | None) -> float | None:

@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import ValidationError
 
-from producer.constants import FINAL_STATES, STATE_SUCCEEDED
-from producer.errors import StorageError
+from producer.constants import FINAL_STATES, REDELIVERIES_FIELD, STATE_SUCCEEDED
+from producer.errors import JobNotFound, StorageError
 from producer.messages import BatchMessage
-from producer.results import finalize_job, write_shard
+from producer.results import count_rows, finalize_job, read_shard, replace_rows, write_shard
 from producer.spec import JobSpec, local_root
 from workers.classify import encode_images, score, top_k_rows
 from workers.fetch import fetch_bytes
-from workers.images import ImageError, decode_image
+from workers.images import ImageError, decode_image, image_pixels
 from workers.model import LoadedModel, ModelLoadError
-from workers.policy import LocationRejected, check_job_locations
+from workers.policy import JobRejected, check_job
 from workers.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ class BatchOutcome:
     job_id: str
     batch: int
     attempt: int
-    status: str  # "written", "skipped_done", "skipped_cancelled", "skipped_failed", "attempts_exceeded"
+    # "written", "skipped_done", "skipped_cancelled", "skipped_failed", "skipped_stale", "attempts_exceeded"
+    status: str
     succeeded: int = 0
     failed: int = 0
     durations_s: dict[str, float] = field(default_factory=dict)
@@ -48,24 +51,32 @@ class BatchOutcome:
 def process_batch(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome:
     """Classify one batch and write its shard. Idempotent: a redelivered batch rewrites the same shard and
     is counted once. Raises when the batch cannot finish (Redis, storage or model errors), so the task
-    retries it, until the delivery cap records its images as failed."""
-    job_id, batch = message.job_id, message.batch
-    state = runtime.store.state(job_id)
+    retries it, until the delivery cap records its images as failed.
+
+    A message of a retry round replaces the rows of its URIs in the batch's existing shard instead (see
+    `_merge_and_record`). A message of a round other than the job's current one is dropped."""
+    job_id, batch, retry_round = message.job_id, message.batch, message.retry_round
+    try:
+        state = runtime.store.state(job_id)
+    except JobNotFound:
+        # Retrying cannot help: the job was deleted, or lost in a restart of a Redis without persistence.
+        logger.warning("Job %s batch %d dropped: the job is not in Redis", job_id, batch)
+        return BatchOutcome(job_id, batch, 0, "skipped_unknown")
     if state in FINAL_STATES:
         logger.info("Job %s batch %d dropped: job is %s", job_id, batch, state)
         return BatchOutcome(job_id, batch, 0, "skipped_done" if state == STATE_SUCCEEDED else f"skipped_{state}")
-    if runtime.store.is_batch_done(job_id, batch):
+    if retry_round and retry_round != runtime.store.retry_round(job_id):
+        logger.info("Job %s batch %d of retry round %d dropped: the job is in another round", job_id, batch, retry_round)
+        return BatchOutcome(job_id, batch, 0, "skipped_stale")
+    if runtime.store.is_batch_done(job_id, batch, retry_round):
         logger.info("Job %s batch %d already counted; delivery ignored", job_id, batch)
         return BatchOutcome(job_id, batch, 0, "skipped_done")
 
-    attempt = runtime.store.count_delivery(job_id, batch)
-    spec = runtime.spec(job_id)
-    try:
-        check_job_locations(spec, runtime.settings)
-    except LocationRejected as e:
-        # Every batch of the job names the same locations, so the job fails now and nothing is read.
-        logger.error("Job %s rejected: %s", job_id, e)
-        runtime.store.fail(job_id, str(e))
+    attempt = runtime.store.count_delivery(job_id, batch, retry_round)
+    if attempt > 1:
+        runtime.store.count_event(job_id, REDELIVERIES_FIELD)
+    spec = _checked_spec(runtime, job_id)
+    if spec is None:
         return BatchOutcome(job_id, batch, attempt, "skipped_failed")
     if attempt > runtime.settings.max_delivery_attempts:
         rows = [_error_row(uri, "delivery_attempts_exceeded", f"batch {batch} was delivered {attempt - 1} times without finishing") for uri in message.uris]
@@ -82,8 +93,32 @@ def process_batch(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome
         runtime.store.fail(job_id, str(e))
         return BatchOutcome(job_id, batch, attempt, "skipped_failed")
     runtime.store.set_field_once(job_id, "model_revision", loaded.revision or "")
-    rows, durations = classify_uris(runtime, spec, loaded, message.uris)
+    rows, durations = classify_uris(runtime, spec, loaded, message.uris, job_id=job_id, batch=batch)
     return _finish(runtime, spec, message, attempt, rows, "written", durations)
+
+
+def _checked_spec(runtime: WorkerRuntime, job_id: str) -> JobSpec | None:
+    """Return the job's spec, or fail the job and return None when the spec is unreadable or not allowed here.
+
+    Every batch of a job has the same spec, so the job fails at its first batch and nothing is read.
+    """
+    try:
+        spec = runtime.spec(job_id)
+        check_job(spec, runtime.settings)
+    except (ValidationError, KeyError) as e:
+        error = f"the job's spec in Redis is invalid ({_first_line(e)}); submit the job again"
+    except JobRejected as e:
+        error = str(e)
+    else:
+        return spec
+    logger.error("Job %s rejected: %s", job_id, error)
+    runtime.store.fail(job_id, error)
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _finish(
@@ -96,19 +131,14 @@ def _finish(
     durations: dict[str, float],
 ) -> BatchOutcome:
     started = time.perf_counter()
-    try:
-        write_shard(runtime.storage, spec, message.job_id, message.batch, rows)
-    except StorageError:
-        if status != "attempts_exceeded":
-            raise
-        # The last delivery still counts the batch, so the job can finish even when its output is broken.
-        logger.exception("Job %s batch %d: writing the failure rows failed too; counting the batch anyway", message.job_id, message.batch)
+    if message.retry_round:
+        counted, completed = _merge_and_record(runtime, spec, message, rows, status)
+    else:
+        counted, completed = _write_and_record(runtime, spec, message, rows, status)
     durations["write"] = time.perf_counter() - started
-
-    failed = sum(1 for row in rows if row["error"] is not None)
-    counted, completed = runtime.store.record_batch(message.job_id, message.batch, len(rows) - failed, failed)
     if completed:
         finalize_job(runtime.store, runtime.storage, message.job_id)
+    failed = sum(1 for row in rows if row["error"] is not None)
     outcome = BatchOutcome(message.job_id, message.batch, attempt, status, len(rows) - failed, failed, durations)
     logger.info(
         "Job %s batch %d attempt %d finished: %d ok, %d failed, counted=%s, %s",
@@ -118,13 +148,52 @@ def _finish(
     return outcome
 
 
+def _write_and_record(
+    runtime: WorkerRuntime, spec: JobSpec, message: BatchMessage, rows: list[dict[str, Any]], status: str
+) -> tuple[bool, bool]:
+    """Write a first-run batch's shard and count it. Returns `JobStore.record_batch`'s `(counted, completed)`."""
+    try:
+        write_shard(runtime.storage, spec, message.job_id, message.batch, rows)
+    except StorageError:
+        if status != "attempts_exceeded":
+            raise
+        # The last delivery still counts the batch, so the job can finish even when its output is broken.
+        logger.exception("Job %s batch %d: writing the failure rows failed too; counting the batch anyway", message.job_id, message.batch)
+    succeeded, failed, errors = count_rows(rows)
+    return runtime.store.record_batch(message.job_id, message.batch, succeeded, failed, errors)
+
+
+def _merge_and_record(
+    runtime: WorkerRuntime, spec: JobSpec, message: BatchMessage, rows: list[dict[str, Any]], status: str
+) -> tuple[bool, bool]:
+    """Replace the rows of a retry batch's URIs in its shard, rewrite the shard and count the batch.
+
+    The shard keeps its name and row order, so the job still has one row per input. Counting uses the
+    whole rewritten shard, so a delivery that repeats an earlier, uncounted rewrite still counts right.
+    Returns `JobStore.record_retry_batch`'s `(counted, completed_round)`.
+    """
+    job_id, batch = message.job_id, message.batch
+    try:
+        merged, unknown = replace_rows(read_shard(runtime.storage, spec, job_id, batch), rows)
+        if unknown:
+            logger.warning("Job %s batch %d: %d retried URIs are not in its shard and were dropped, such as %r", job_id, batch, len(unknown), unknown[0])
+        write_shard(runtime.storage, spec, job_id, batch, merged)
+    except StorageError:
+        if status != "attempts_exceeded":
+            raise
+        # The last delivery ends the batch's round with its earlier rows and counts unchanged.
+        logger.exception("Job %s batch %d: rewriting the shard failed; its earlier rows stay", job_id, batch)
+        return runtime.store.record_retry_batch(job_id, batch, message.retry_round, None)
+    return runtime.store.record_retry_batch(job_id, batch, message.retry_round, count_rows(merged))
+
+
 def classify_uris(
-    runtime: WorkerRuntime, spec: JobSpec, loaded: LoadedModel, uris: list[str]
+    runtime: WorkerRuntime, spec: JobSpec, loaded: LoadedModel, uris: list[str], *, job_id: str | None = None, batch: int | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Return one result row per URI, in order, and the seconds spent waiting for images and in the model."""
     label_embeddings = runtime.prompts.get(spec, loaded)  # [labels, dim]
     root = local_root(spec)
-    futures = [runtime.pool.submit(load_pixels, runtime, loaded, uri, root) for uri in uris]
+    futures = [runtime.pool.submit(load_pixels, runtime, loaded, uri, root, job_id, batch) for uri in uris]
     rows: list[dict[str, Any] | None] = [None] * len(uris)
     pending: list[tuple[int, np.ndarray]] = []
     durations = {"wait_images": 0.0, "model": 0.0}
@@ -149,6 +218,8 @@ def _result_or_error(future: "Future[np.ndarray]", uri: str, rows: list[Any], in
         logger.warning("Image %s failed: %s (%s)", uri, e.code, e.message)
         rows[index] = _error_row(uri, e.code, e.message)
         return None
+    except SoftTimeLimitExceeded:
+        raise  # the batch's time limit, raised while waiting here: the task retries the whole batch
     except Exception as e:  # an image that breaks the decoder or processor in an unforeseen way
         logger.exception("Image %s failed with an unexpected error", uri)
         rows[index] = _error_row(uri, "decode_error", f"unexpected {type(e).__name__}: {e}")
@@ -170,12 +241,16 @@ def _score_pending(
         rows[index] = {"uri": uris[index], "label": top[0]["label"], "score": top[0]["score"], "top_k": top, "error": None}
 
 
-def load_pixels(runtime: WorkerRuntime, loaded: LoadedModel, uri: str, root: Path | None) -> np.ndarray:
+def load_pixels(
+    runtime: WorkerRuntime, loaded: LoadedModel, uri: str, root: Path | None, job_id: str | None = None, batch: int | None = None
+) -> np.ndarray:
     """Fetch, decode and preprocess one image into `[3, H, W]` float32. Runs in a fetch thread."""
     settings = runtime.settings
-    data = fetch_bytes(runtime.storage, uri, settings.max_image_bytes, settings.allowed_buckets, root)
-    image = decode_image(data, max_pixels=settings.max_image_pixels)
-    return loaded.processor(images=image, return_tensors="np")["pixel_values"][0]
+    data = fetch_bytes(runtime.storage, uri, settings.max_image_bytes, settings.allowed_buckets, root, job_id=job_id, batch=batch)
+    # The image's pixels stay reserved until preprocessing has scaled it down to the model's input size.
+    with runtime.decode_budget.reserve(image_pixels(data)):
+        image = decode_image(data, max_pixels=settings.max_image_pixels)
+        return loaded.processor(images=image, return_tensors="np")["pixel_values"][0]
 
 
 def _error_row(uri: str, code: str, message: str) -> dict[str, Any]:

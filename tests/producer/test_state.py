@@ -28,7 +28,7 @@ from producer.messages import BatchMessage
 from producer.queue import BatchSender, celery_config, make_celery
 from producer.settings import Settings
 from producer.spec import build_spec
-from producer.state import JobStore
+from producer.state import JobStatus, JobStore, RetryNotStarted, batch_counts_json
 
 JOB_ID = "20260101-000000-0123abcd"
 QUEUE = "clipfleet-test"
@@ -258,6 +258,221 @@ def test_count_delivery_per_batch(store: JobStore, job: str) -> None:
     store.count_delivery(job, 3)
 
     assert store.count_delivery(job, 4) == 1
+
+
+# --- Counters by error code, retries and redeliveries ----------------------------------------------
+
+
+def test_record_counts_error_codes(store: JobStore, job: str) -> None:
+    store.record_batch(job, 0, succeeded=5, failed=3, errors={"not_found": 2, "decode_error": 1})
+    store.record_batch(job, 1, succeeded=5, failed=1, errors={"not_found": 1})
+
+    assert store.status(job).errors == {"decode_error": 1, "not_found": 3}
+
+
+def test_repeated_record_keeps_error_codes(store: JobStore, job: str) -> None:
+    store.record_batch(job, 0, succeeded=5, failed=2, errors={"not_found": 2})
+    store.record_batch(job, 0, succeeded=5, failed=2, errors={"not_found": 2})
+
+    assert store.status(job).errors == {"not_found": 2}
+
+
+def test_status_groups_retry_counters(store: JobStore, job: str) -> None:
+    store.count_event(job, "retries:s3_get", 3)
+    store.count_event(job, "retries:s3_put")
+    store.count_event(job, "giveups:s3_get")
+
+    status = store.status(job)
+
+    assert status.retries == {"s3_get": 3, "s3_put": 1}
+    assert status.retries_total == 4
+
+
+def test_status_redeliveries(store: JobStore, job: str) -> None:
+    store.count_event(job, "redeliveries", 2)
+
+    assert store.status(job).redeliveries == 2
+
+
+def test_new_job_status_has_no_events(store: JobStore, job: str) -> None:
+    status = store.status(job)
+
+    assert (status.errors, status.retries, status.retries_total) == ({}, {}, 0)
+    assert (status.redeliveries, status.retry_round) == (0, 0)
+
+
+def test_job_status_new_fields_optional() -> None:
+    status = JobStatus(
+        job_id=JOB_ID, state="queued", total=None, done=0, failed=0, skipped=0, images_per_s=None,
+        eta_s=None, created_at=0.0, started_at=None, finished_at=None,
+    )
+
+    assert (status.errors, status.retries, status.redeliveries, status.retry_round) == ({}, {}, 0, 0)
+
+
+# --- Retry rounds ---------------------------------------------------------------------------------
+
+
+def finished_job(store: JobStore, job: str) -> None:
+    """Finish `job` with two batches: batch 0 has 3 ok and 1 not_found row, batch 1 has 2 ok and 2 failed."""
+    store.finish_listing(job, images=8, skipped=0, batches=2)
+    store.record_batch(job, 0, succeeded=3, failed=1, errors={"not_found": 1})
+    store.record_batch(job, 1, succeeded=2, failed=2, errors={"not_found": 1, "fetch_timeout": 1})
+    store.mark_succeeded(job, finished_at=time.time())
+
+
+def test_start_retry_moves_job_to_running(store: JobStore, job: str) -> None:
+    finished_job(store, job)
+
+    assert store.start_retry(job, seen_round=0, batches=2, baseline={}) == 1
+    assert store.status(job).state == "running"
+    assert store.status(job).retry_round == 1
+    assert store.status(job).finished_at is None
+
+
+def test_retry_keeps_first_run_rate(store: JobStore, job: str) -> None:
+    finished_job(store, job)
+    rate = store.status(job).images_per_s
+    store.start_retry(job, seen_round=0, batches=2, baseline={})
+    running = store.status(job)
+    store.mark_succeeded(job, finished_at=time.time() + 3600)
+
+    assert running.eta_s is None
+    assert store.status(job).images_per_s == rate
+
+
+def test_start_retry_rejects_running_job(store: JobStore, job: str) -> None:
+    store.finish_listing(job, images=8, skipped=0, batches=2)
+    store.record_batch(job, 0, succeeded=4, failed=0)
+
+    with pytest.raises(RetryNotStarted, match="is running"):
+        store.start_retry(job, seen_round=0, batches=1, baseline={})
+
+
+def test_start_retry_rejects_failed_job(store: JobStore, job: str) -> None:
+    store.fail(job, "the model could not be loaded")
+
+    with pytest.raises(RetryNotStarted, match="is failed"):
+        store.start_retry(job, seen_round=0, batches=1, baseline={})
+
+
+def test_start_retry_rejects_stale_round(store: JobStore, job: str) -> None:
+    finished_job(store, job)
+    store.start_retry(job, seen_round=0, batches=1, baseline={})
+    store.cancel(job)
+
+    with pytest.raises(RetryNotStarted, match="another retry started"):
+        store.start_retry(job, seen_round=0, batches=1, baseline={})
+
+
+def test_start_retry_rejects_early_cancel(store: JobStore, job: str) -> None:
+    store.finish_listing(job, images=8, skipped=0, batches=2)
+    store.record_batch(job, 0, succeeded=4, failed=0)
+    store.cancel(job)
+
+    with pytest.raises(RetryNotStarted, match="before every batch finished"):
+        store.start_retry(job, seen_round=0, batches=1, baseline={})
+
+
+def test_start_retry_after_cancelled_round(store: JobStore, job: str) -> None:
+    finished_job(store, job)
+    store.start_retry(job, seen_round=0, batches=2, baseline={})
+    store.cancel(job)
+
+    assert store.start_retry(job, seen_round=1, batches=2, baseline={}) == 2
+
+
+def test_retry_batch_moves_counts(store: JobStore, job: str) -> None:
+    finished_job(store, job)
+    store.start_retry(job, seen_round=0, batches=2, baseline={})
+
+    store.record_retry_batch(job, 1, 1, (3, 1, {"fetch_timeout": 1}))
+    status = store.status(job)
+
+    assert (status.succeeded, status.failed) == (6, 2)
+    assert status.errors == {"fetch_timeout": 1, "not_found": 1}
+
+
+def test_repeated_retry_batch_counted_once(store: JobStore, job: str) -> None:
+    finished_job(store, job)
+    store.start_retry(job, seen_round=0, batches=2, baseline={})
+
+    first = store.record_retry_batch(job, 1, 1, (4, 0, {}))
+    second = store.record_retry_batch(job, 1, 1, (4, 0, {}))
+
+    assert first == (True, False)
+    assert second == (False, False)
+    assert (store.status(job).succeeded, store.status(job).failed) == (7, 1)
+    assert store.fields(job)["round_batches_done"] == "1"
+
+
+def test_last_retry_batch_completes_round(store: JobStore, job: str) -> None:
+    finished_job(store, job)
+    store.start_retry(job, seen_round=0, batches=2, baseline={})
+    store.record_retry_batch(job, 0, 1, (4, 0, {}))
+
+    assert store.record_retry_batch(job, 1, 1, (4, 0, {})) == (True, True)
+    assert store.status(job).errors == {}
+
+
+def test_retry_batch_of_old_round_never_completes(store: JobStore, job: str) -> None:
+    finished_job(store, job)
+    store.start_retry(job, seen_round=0, batches=1, baseline={})
+    store.cancel(job)
+    store.start_retry(job, seen_round=1, batches=1, baseline={})
+
+    assert store.record_retry_batch(job, 0, 1, (4, 0, {})) == (True, False)
+
+
+def test_retry_batch_without_counts_keeps_counters(store: JobStore, job: str) -> None:
+    finished_job(store, job)
+    store.start_retry(job, seen_round=0, batches=1, baseline={})
+
+    assert store.record_retry_batch(job, 0, 1, None) == (True, True)
+    assert (store.status(job).succeeded, store.status(job).failed) == (5, 3)
+
+
+def test_baseline_fills_missing_batch_counts(store: JobStore, redis_client: redis.Redis, job: str) -> None:
+    """A batch counted before per-batch counts existed gets its baseline from the retry's caller."""
+    finished_job(store, job)
+    redis_client.delete(f"clipfleet:job:{job}:batch_counts")
+    store.start_retry(job, seen_round=0, batches=1, baseline={1: batch_counts_json(2, 2, {"not_found": 2})})
+
+    store.record_retry_batch(job, 1, 1, (4, 0, {}))
+
+    assert (store.status(job).succeeded, store.status(job).failed) == (7, 1)
+
+
+def test_baseline_keeps_recorded_batch_counts(store: JobStore, job: str) -> None:
+    finished_job(store, job)
+    store.start_retry(job, seen_round=0, batches=1, baseline={1: batch_counts_json(0, 4, {"not_found": 4})})
+
+    store.record_retry_batch(job, 1, 1, (4, 0, {}))
+
+    assert (store.status(job).succeeded, store.status(job).failed) == (7, 1)
+
+
+def test_retry_deliveries_counted_per_round(store: JobStore, job: str) -> None:
+    store.count_delivery(job, 3)
+
+    assert store.count_delivery(job, 3, retry_round=1) == 1
+    assert store.count_delivery(job, 3, retry_round=1) == 2
+
+
+def test_retry_batch_done_per_round(store: JobStore, job: str) -> None:
+    finished_job(store, job)
+    store.start_retry(job, seen_round=0, batches=2, baseline={})
+    store.record_retry_batch(job, 0, 1, (4, 0, {}))
+
+    assert store.is_batch_done(job, 0, retry_round=1) is True
+    assert store.is_batch_done(job, 1, retry_round=1) is False
+
+
+def test_claim_finalization_per_round(store: JobStore, job: str) -> None:
+    store.claim_finalization(job)
+
+    assert store.claim_finalization(job, retry_round=1) is True
+    assert store.claim_finalization(job, retry_round=1) is False
 
 
 # --- Celery settings and BatchSender --------------------------------------------------------------
@@ -528,3 +743,15 @@ def test_zero_batch_size_not_replaced(make_client: Callable[..., Client], make_b
     bucket = make_bucket()
     with pytest.raises(InvalidJobSpec, match="batch_size"):
         make_client().submit(source=f"s3://{bucket}/in/", labels=["cat"], output=f"s3://{bucket}/out/", batch_size=0)
+
+
+def test_count_event_skips_missing_job(redis_url: str) -> None:
+    store = JobStore.from_url(redis_url)
+    store.count_event("lost-job", "retries:s3_get")
+    assert store.redis.exists("clipfleet:job:lost-job") == 0
+
+
+def test_record_batch_skips_missing_job(redis_url: str) -> None:
+    store = JobStore.from_url(redis_url)
+    assert store.record_batch("lost-job", 0, 1, 0) == (False, False)
+    assert store.redis.exists("clipfleet:job:lost-job") == 0

@@ -299,3 +299,176 @@ def test_runtime_sets_pillow_pixel_limit(redis_url: str, monkeypatch: pytest.Mon
     finally:
         worker_runtime.pool.shutdown()
         worker_runtime.store.redis.close()
+
+
+def test_errors_counted_by_code(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    process_batch(runtime, s3_job["message"])
+    summary = read_s3_summary(s3_client, s3_job["output"])
+    assert runtime.store.status(JOB_ID).errors == {"decode_error": 1}
+    assert summary["errors"] == {"decode_error": 1}
+
+
+def test_first_delivery_not_redelivery(runtime: WorkerRuntime, s3_job: dict[str, Any]) -> None:
+    process_batch(runtime, s3_job["message"])
+    assert runtime.store.status(JOB_ID).redeliveries == 0
+
+
+def test_redelivery_counted(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    runtime.store.count_delivery(JOB_ID, 0)  # a delivery that died before counting its batch
+    outcome = process_batch(runtime, s3_job["message"])
+    summary = read_s3_summary(s3_client, s3_job["output"])
+    assert outcome.attempt == 2
+    assert runtime.store.status(JOB_ID).redeliveries == 1
+    assert summary["redeliveries"] == 1
+
+
+def test_summary_counts_retries(runtime: WorkerRuntime, s3_job: dict[str, Any], s3_client: BaseClient) -> None:
+    runtime.store.count_event(JOB_ID, "retries:s3_get", 2)
+    runtime.store.count_event(JOB_ID, "retries:batch")
+    process_batch(runtime, s3_job["message"])
+    summary = read_s3_summary(s3_client, s3_job["output"])
+    assert summary["retries"] == {"batch": 1, "s3_get": 2}
+    assert summary["retries_total"] == 3
+
+
+# --- Retry rounds: a finished job's failed images run again and replace their rows in place ---------
+
+
+@pytest.fixture
+def missing_job(runtime: WorkerRuntime, s3_client: BaseClient, make_bucket: Callable[[], str], tiny_clip_dir: Path) -> dict[str, Any]:
+    """A finished one-batch job whose images `late.jpg` and `gone.jpg` were missing, so their rows are not_found."""
+    source, output = make_bucket(), make_bucket()
+    for name in ("rocket.jpg", "astronaut.jpg"):
+        s3_client.put_object(Bucket=source, Key=f"in/{name}", Body=(DATA / name).read_bytes())
+    spec = make_spec(f"s3://{source}/in/", f"s3://{output}/results/", tiny_clip_dir)
+    runtime.store.create(JOB_ID, spec)
+    uris = [f"s3://{source}/in/{name}" for name in ("rocket.jpg", "late.jpg", "astronaut.jpg", "gone.jpg")]
+    runtime.store.finish_listing(JOB_ID, len(uris), 0, 1)
+    process_batch(runtime, BatchMessage(job_id=JOB_ID, batch=0, uris=uris))
+    s3_client.put_object(Bucket=source, Key="in/late.jpg", Body=(DATA / "chelsea.jpg").read_bytes())
+    retry = BatchMessage(job_id=JOB_ID, batch=0, uris=[uris[1], uris[3]], retry_round=1)
+    return {"spec": spec, "output": output, "uris": uris, "retry": retry}
+
+
+def start_round(runtime: WorkerRuntime, seen_round: int = 0) -> int:
+    return runtime.store.start_retry(JOB_ID, seen_round=seen_round, batches=1, baseline={})
+
+
+def test_missing_job_rows_not_found(runtime: WorkerRuntime, missing_job: dict[str, Any], s3_client: BaseClient) -> None:
+    rows = read_s3_rows(s3_client, missing_job["output"])
+    assert [row["error"] and row["error"]["code"] for row in rows] == [None, "not_found", None, "not_found"]
+    assert runtime.store.status(JOB_ID).errors == {"not_found": 2}
+
+
+def test_retry_replaces_rows_in_place(runtime: WorkerRuntime, missing_job: dict[str, Any], s3_client: BaseClient) -> None:
+    before = read_s3_rows(s3_client, missing_job["output"])
+    start_round(runtime)
+    outcome = process_batch(runtime, missing_job["retry"])
+    rows = read_s3_rows(s3_client, missing_job["output"])
+    assert outcome.status == "written"
+    assert (outcome.succeeded, outcome.failed) == (1, 1)
+    assert [row["uri"] for row in rows] == missing_job["uris"]
+    assert rows[1]["error"] is None
+    assert rows[1]["label"] in LABELS
+    assert rows[3]["error"]["code"] == "not_found"
+    assert (rows[0], rows[2]) == (before[0], before[2])
+
+
+def test_retry_moves_counters(runtime: WorkerRuntime, missing_job: dict[str, Any]) -> None:
+    start_round(runtime)
+    process_batch(runtime, missing_job["retry"])
+    status = runtime.store.status(JOB_ID)
+    assert (status.succeeded, status.failed, status.done) == (3, 1, 4)
+    assert status.errors == {"not_found": 1}
+
+
+def test_retry_finalizes_again(runtime: WorkerRuntime, missing_job: dict[str, Any], s3_client: BaseClient) -> None:
+    start_round(runtime)
+    process_batch(runtime, missing_job["retry"])
+    summary = read_s3_summary(s3_client, missing_job["output"])
+    assert runtime.store.state(JOB_ID) == "succeeded"
+    assert (summary["succeeded"], summary["failed"]) == (3, 1)
+    assert summary["errors"] == {"not_found": 1}
+    assert summary["retry_round"] == 1
+
+
+def test_retry_redelivery_counted_once(runtime: WorkerRuntime, missing_job: dict[str, Any]) -> None:
+    runtime.store.start_retry(JOB_ID, seen_round=0, batches=2, baseline={})  # a second batch keeps the round open
+    process_batch(runtime, missing_job["retry"])
+    before = counters(runtime)
+    again = process_batch(runtime, missing_job["retry"])
+    assert again.status == "skipped_done"
+    assert counters(runtime) == before
+    assert runtime.store.fields(JOB_ID)["round_batches_done"] == "1"
+
+
+def test_retry_after_uncounted_rewrite(runtime: WorkerRuntime, missing_job: dict[str, Any]) -> None:
+    """A delivery that rewrote the shard and died before counting is redelivered and counted once, right."""
+    from producer.results import read_shard, write_shard
+
+    start_round(runtime)
+    storage, spec = runtime.storage, missing_job["spec"]
+    rows = read_shard(storage, spec, JOB_ID, 0)
+    rows[1] = {"uri": rows[1]["uri"], "label": "cat", "score": 0.5, "top_k": [], "error": None}
+    write_shard(storage, spec, JOB_ID, 0, rows)
+    runtime.store.count_delivery(JOB_ID, 0, retry_round=1)
+
+    outcome = process_batch(runtime, missing_job["retry"])
+    status = runtime.store.status(JOB_ID)
+    assert outcome.attempt == 2
+    assert (status.succeeded, status.failed) == (3, 1)
+    assert status.errors == {"not_found": 1}
+    assert status.redeliveries == 1
+
+
+def test_retry_of_old_round_dropped(runtime: WorkerRuntime, missing_job: dict[str, Any], s3_client: BaseClient) -> None:
+    start_round(runtime)
+    runtime.store.cancel(JOB_ID)
+    start_round(runtime, seen_round=1)
+    before = read_s3_rows(s3_client, missing_job["output"])
+    outcome = process_batch(runtime, missing_job["retry"])
+    assert outcome.status == "skipped_stale"
+    assert read_s3_rows(s3_client, missing_job["output"]) == before
+
+
+def test_retry_cancelled_round_skipped(runtime: WorkerRuntime, missing_job: dict[str, Any], s3_client: BaseClient) -> None:
+    start_round(runtime)
+    runtime.store.cancel(JOB_ID)
+    before = read_s3_rows(s3_client, missing_job["output"])
+    outcome = process_batch(runtime, missing_job["retry"])
+    assert outcome.status == "skipped_cancelled"
+    assert read_s3_rows(s3_client, missing_job["output"]) == before
+    assert runtime.store.state(JOB_ID) == "cancelled"
+
+
+def test_retry_at_delivery_cap(runtime: WorkerRuntime, missing_job: dict[str, Any], s3_client: BaseClient) -> None:
+    start_round(runtime)
+    runtime.settings = runtime.settings.model_copy(update={"max_delivery_attempts": 1})
+    runtime.store.count_delivery(JOB_ID, 0, retry_round=1)
+    outcome = process_batch(runtime, missing_job["retry"])
+    rows = read_s3_rows(s3_client, missing_job["output"])
+    assert outcome.status == "attempts_exceeded"
+    assert [row["error"] and row["error"]["code"] for row in rows] == [None, "delivery_attempts_exceeded", None, "delivery_attempts_exceeded"]
+    assert runtime.store.status(JOB_ID).errors == {"delivery_attempts_exceeded": 2}
+    assert runtime.store.state(JOB_ID) == "succeeded"
+
+
+def test_unknown_job_dropped(runtime: WorkerRuntime) -> None:
+    outcome = process_batch(runtime, BatchMessage(job_id="no-such-job", batch=0, uris=["s3://photos/a.jpg"]))
+    assert outcome.status == "skipped_unknown"
+
+
+@pytest.mark.parametrize("stored_spec", ["{not json", '{"source": "s3://photos/in/"}'])
+def test_invalid_stored_spec_fails_job(runtime: WorkerRuntime, s3_job: dict[str, Any], stored_spec: str) -> None:
+    runtime.store.set_fields(JOB_ID, spec=stored_spec)
+    outcome = process_batch(runtime, s3_job["message"])
+    assert outcome.status == "skipped_failed"
+    assert runtime.store.state(JOB_ID) == "failed"
+    assert "spec in Redis is invalid" in runtime.store.status(JOB_ID).error
+
+
+def test_job_over_label_limit_fails(runtime: WorkerRuntime, s3_job: dict[str, Any]) -> None:
+    runtime.settings = runtime.settings.model_copy(update={"max_labels": 2})
+    process_batch(runtime, s3_job["message"])
+    assert runtime.store.state(JOB_ID) == "failed"
+    assert "CLIPFLEET_MAX_LABELS" in runtime.store.status(JOB_ID).error
