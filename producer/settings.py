@@ -41,6 +41,30 @@ def check_redis_tls_parameters(url: str) -> None:
         raise ValueError(f"TLS query parameters ({', '.join(names)}) need a rediss:// URL; change the scheme to rediss")
 
 
+def check_redis_url(url: str) -> None:
+    """Raise ValueError when `url` is not a Redis URL that redis-py and Celery can use.
+
+    The message never quotes the URL or parts of it, because a malformed URL may put its password where
+    the port or host belongs.
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("redis", "rediss", "unix"):
+        raise ValueError("the URL must start with redis://, rediss:// or unix://, for example redis://host:6379/0")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+        malformed = True
+    else:
+        malformed = False
+    if malformed or (parts.scheme.lower() != "unix" and not parts.hostname):
+        raise ValueError(
+            "the host or port of the URL is malformed; percent-encode '/', '?', '#' and '@' in the password "
+            f"(for example '/' as %2F), as in redis://:PASSWORD@host:{port or 6379}/0"
+        )
+    check_redis_tls_parameters(url)
+
+
 class Settings(BaseSettings):
     """Settings shared by producers and workers. AWS credentials come from the standard AWS chain."""
 
@@ -65,12 +89,20 @@ class Settings(BaseSettings):
     local_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Local folders a worker may read images from and write results to; empty rejects local paths")
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(89_478_485, ge=1)
+    decode_budget_pixels: int = Field(
+        100_000_000, ge=1, description="Pixels a worker process decodes and preprocesses at the same time, over all fetch threads"
+    )
     visibility_timeout_s: int = Field(900, ge=10)
     fetch_threads: int = Field(16, ge=1, le=256)
     fetch_timeout_s: float = Field(30.0, gt=0)
     max_delivery_attempts: int = Field(5, ge=1)
+    shutdown_grace_s: float = Field(60.0, ge=0, description="Seconds a worker keeps running its batches after SIGTERM before it hands them back to the queue and exits; keep it below Kubernetes' terminationGracePeriodSeconds")
+    s3_max_attempts: int = Field(4, ge=1, le=20, description="Attempts per S3 image read or shard write, the first included. Transient errors (5xx, throttling, timeouts, dropped connections) are retried")
+    retry_base_s: float = Field(0.2, ge=0, description="Base of the exponential backoff between S3 attempts, in seconds. Each wait is uniform in [0, base * 2^(failures-1)]")
+    retry_max_s: float = Field(20.0, ge=0, description="No S3 retry starts later than this many seconds after the first attempt")
     queue_high_water: int = Field(1000, ge=1, description="Producers pause while the queue contains this many tasks or more")
     max_labels: int = Field(20_000, ge=1, description="Maximum number of labels in one job; submit rejects a job with more")
+    max_prompts: int = Field(100_000, ge=1, description="Maximum number of prompts in one job, over all labels; submit rejects a job with more")
     log_level: str = "INFO"
     metrics_port: int | None = None
 
@@ -78,7 +110,24 @@ class Settings(BaseSettings):
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value:
-            check_redis_tls_parameters(value)
+            check_redis_url(value)
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_s3_endpoint_url(cls, value: str | None) -> str | None:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("the endpoint must be an http:// or https:// URL, for example http://minio:9000")
+        if "@" in parts.netloc:
+            # S3 clients sign requests with AWS credentials and ignore user information in the URL, which
+            # would only leak into error messages.
+            raise ValueError(
+                "the endpoint URL must not contain a user name or password; give credentials through "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile"
+            )
         return value
 
     @field_validator("log_level")

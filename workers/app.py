@@ -3,20 +3,28 @@
 The model is loaded in each pool process after the fork (`worker_process_init`), never in the parent that
 forks. The parent only checks, at start, that the model's files can be found, so a missing model stops the
 worker at once with a message that explains how to provide it.
+
+Every batch gets soft and hard time limits below CLIPFLEET_VISIBILITY_TIMEOUT_S (see `delivery_limits`), so
+Redis does not deliver a batch to a second worker while the first still runs it. SIGTERM starts a warm shutdown
+bounded by CLIPFLEET_SHUTDOWN_GRACE_S (see `begin_bounded_shutdown`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import signal
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, signals
 
 from producer.queue import celery_config
 from producer.settings import Settings
+from workers.transport import install as install_entry_checking_transport
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +33,98 @@ logger = logging.getLogger(__name__)
 for _name in ("boto3", "botocore", "s3transfer"):
     logging.getLogger(_name).setLevel(logging.INFO)
 
+# Shares of CLIPFLEET_VISIBILITY_TIMEOUT_S. The retry backoff plus the hard limit stay within the visibility
+# timeout, so a retried batch is not redelivered while it runs either.
+# NOTE: Redis times a message from its delivery to the worker. A retried batch whose countdown ends while
+# another batch runs in the pool process waits longer, so it can pass the visibility timeout and run twice. Its
+# shard is rewritten and counted once, but the extra delivery counts toward CLIPFLEET_MAX_DELIVERY_ATTEMPTS.
+SOFT_TIME_LIMIT_SHARE = 0.8
+HARD_TIME_LIMIT_SHARE = 0.9
+SLOW_BATCH_SHARE = 0.5
+RETRY_BACKOFF_SHARE = 0.1
+RETRY_BACKOFF_MAX_S = 120
+# Redis redelivers only when a worker sweeps its unacknowledged messages. kombu 5.7 scans on every 10th 10 s
+# tick by default, up to 100 s after the visibility timeout, so workers here scan on every tick instead.
+MAX_RESTORE_INTERVAL_S = 10.0
+RESTORE_INTERVALS_PER_VISIBILITY_TIMEOUT = 5
+# The startup check: a batch whose S3 read waits out one whole CLIPFLEET_FETCH_TIMEOUT_S must still end before
+# its soft time limit, 0.8 x the visibility timeout.
+MIN_VISIBILITY_PER_FETCH_TIMEOUT = 2
+
+
+@dataclass(frozen=True)
+class DeliveryLimits:
+    """Time limits of one batch delivery, in seconds, derived from CLIPFLEET_VISIBILITY_TIMEOUT_S."""
+
+    visibility_timeout_s: int
+    soft_time_limit_s: float  # the task gets SoftTimeLimitExceeded and retries the batch
+    hard_time_limit_s: float  # the pool process is killed and the message goes back to the queue
+    slow_batch_s: float  # a batch that runs longer is logged with a warning
+    retry_backoff_max_s: int  # maximum wait before a retried batch runs again
+    restore_interval_s: float  # how often a worker returns overdue unacknowledged messages to the queue
+
+
+def delivery_limits(settings: Settings) -> DeliveryLimits:
+    """Return the batch time limits for `settings.visibility_timeout_s`."""
+    visibility_s = settings.visibility_timeout_s
+    return DeliveryLimits(
+        visibility_timeout_s=visibility_s,
+        soft_time_limit_s=round(SOFT_TIME_LIMIT_SHARE * visibility_s, 1),
+        hard_time_limit_s=round(HARD_TIME_LIMIT_SHARE * visibility_s, 1),
+        slow_batch_s=SLOW_BATCH_SHARE * visibility_s,
+        retry_backoff_max_s=max(1, min(RETRY_BACKOFF_MAX_S, int(RETRY_BACKOFF_SHARE * visibility_s))),
+        restore_interval_s=min(MAX_RESTORE_INTERVAL_S, visibility_s / RESTORE_INTERVALS_PER_VISIBILITY_TIMEOUT),
+    )
+
+
+def check_visibility_timeout(settings: Settings) -> None:
+    """Raise ValueError when CLIPFLEET_VISIBILITY_TIMEOUT_S is below 2 x CLIPFLEET_FETCH_TIMEOUT_S."""
+    minimum_s = MIN_VISIBILITY_PER_FETCH_TIMEOUT * settings.fetch_timeout_s
+    if settings.visibility_timeout_s < minimum_s:
+        soft_limit_s = delivery_limits(settings).soft_time_limit_s
+        raise ValueError(
+            f"CLIPFLEET_VISIBILITY_TIMEOUT_S={settings.visibility_timeout_s} is below "
+            f"{MIN_VISIBILITY_PER_FETCH_TIMEOUT} x CLIPFLEET_FETCH_TIMEOUT_S={settings.fetch_timeout_s:g}, so a batch "
+            f"whose S3 read waits out one timeout would reach its time limit of {soft_limit_s:g} s; set "
+            f"CLIPFLEET_VISIBILITY_TIMEOUT_S to at least {math.ceil(minimum_s)} or lower CLIPFLEET_FETCH_TIMEOUT_S"
+        )
+
+
+def worker_config(settings: Settings) -> dict[str, Any]:
+    """Return the worker-only Celery settings that add to `producer.queue.celery_config`.
+
+    - `task_soft_time_limit`, `task_time_limit`: see `delivery_limits`.
+    - `task_acks_on_timeout = False`: a batch killed at its hard time limit goes back to the queue instead of
+      being acknowledged and lost. The delivery cap ends a batch that times out on every delivery.
+    - `worker_soft_shutdown_timeout = 0`: the cold shutdown that ends the grace period after SIGTERM (see
+      `begin_bounded_shutdown`) terminates running batches at once instead of sleeping first.
+    - `broker_transport_options`: the visibility timeout of `celery_config`, plus a sweep for overdue
+      unacknowledged messages every `restore_interval_s`.
+    """
+    limits = delivery_limits(settings)
+    transport_options = dict(celery_config(settings).get("broker_transport_options", {}))
+    transport_options.update(unacked_restore_interval=limits.restore_interval_s, unacked_restore_throttle=1)
+    return {
+        "task_soft_time_limit": limits.soft_time_limit_s,
+        "task_time_limit": limits.hard_time_limit_s,
+        "task_acks_on_timeout": False,
+        "worker_soft_shutdown_timeout": 0.0,
+        "worker_enable_soft_shutdown_on_idle": False,
+        "broker_transport_options": transport_options,
+    }
+
+
 settings = Settings()
 app = Celery("clipfleet", include=["workers.tasks"])
 app.conf.update(celery_config(settings))
+app.conf.update(worker_config(settings))
+# kombu's Redis transport, changed to drop a malformed queue entry instead of stopping the worker.
+install_entry_checking_transport()
+
+EXIT_OK = 0
+# Set by the first SIGTERM, so a second one starts no second timer.
+_shutdown_started = threading.Event()
+_grace_timers: list[threading.Timer] = []
 
 # Set to 1 by a pool process that cannot load the model. Created before the pool forks, so the parent and
 # its pool processes share it, and the parent exits with status 1 instead of 0.
@@ -36,12 +133,22 @@ _model_failed = multiprocessing.Value("i", 0)
 
 @signals.worker_init.connect
 def check_model_available(**_: Any) -> None:
-    """Fail the worker at start when Redis is not configured or the model cannot be found."""
+    """Fail the worker at start when Redis is not configured, the visibility timeout is too short for the fetch
+    timeout, or the model cannot be found."""
     from workers.model import ModelLoadError, resolve_checkpoint
 
     # Celery logs and ignores exceptions raised by signal handlers; SystemExit is not caught, so it stops the worker.
     if not settings.redis_url:
         raise SystemExit("error: CLIPFLEET_REDIS_URL is not set: workers need the Redis that producers enqueue into")
+    try:
+        check_visibility_timeout(settings)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+    limits = delivery_limits(settings)
+    logger.info(
+        "Batch time limits: soft %g s, hard %g s (CLIPFLEET_VISIBILITY_TIMEOUT_S=%d); shutdown grace %g s",
+        limits.soft_time_limit_s, limits.hard_time_limit_s, limits.visibility_timeout_s, settings.shutdown_grace_s,
+    )
     try:
         path = resolve_checkpoint(settings.model, settings.model_revision)
     except ModelLoadError as e:
@@ -73,3 +180,62 @@ def exit_with_failure_if_model_failed(**_: Any) -> None:
     """Make the worker exit with status 1 after a pool process failed to load the model."""
     if _model_failed.value:
         raise SystemExit(1)
+
+
+@signals.worker_ready.connect
+def install_sigterm_handler(**_: Any) -> None:
+    """Make SIGTERM a warm shutdown bounded by CLIPFLEET_SHUTDOWN_GRACE_S (see `begin_bounded_shutdown`).
+
+    Celery's own SIGTERM handler waits for running batches without a bound. Celery 5.7's soft shutdown
+    (`worker_soft_shutdown_timeout` with REMAP_SIGTERM=SIGQUIT) bounds the wait, but it sleeps the whole
+    timeout inside the signal handler, so the worker cannot acknowledge a batch that ends sooner and always
+    exits after the full period. A timer thread gives the same bound without that wait.
+    """
+    from celery import platforms
+
+    platforms.signals["SIGTERM"] = _handle_sigterm
+
+
+def _handle_sigterm(*_: Any) -> None:
+    if multiprocessing.current_process().name == "MainProcess":
+        begin_bounded_shutdown(settings.shutdown_grace_s)
+
+
+def begin_bounded_shutdown(grace_s: float) -> None:
+    """Start Celery's warm shutdown, and its cold shutdown if a batch still runs `grace_s` seconds later.
+
+    The warm shutdown takes no new batch and exits with status 0 once the running batch is acknowledged. The
+    cold shutdown (SIGQUIT to this process) terminates the pool process, which returns the batch's message to
+    the queue at once, and exits. Calls after the first do nothing. Call from the main thread of the main
+    process, as the signal handler does. Send SIGTERM to the main process only: a pool process that gets
+    SIGTERM dies at once, and its batch goes back to the queue unfinished.
+    """
+    from celery.worker import state as worker_state
+
+    if _shutdown_started.is_set():
+        return
+    _shutdown_started.set()
+    logger.warning(
+        "SIGTERM received: the running batch gets %g s (CLIPFLEET_SHUTDOWN_GRACE_S) to finish, then goes back to "
+        "the queue", grace_s,
+    )
+    timer = threading.Timer(grace_s, _return_running_batches, args=(grace_s,))
+    timer.daemon = True
+    timer.start()
+    _grace_timers.append(timer)
+    worker_state.should_stop = EXIT_OK
+
+
+@signals.worker_shutdown.connect
+def cancel_grace_timer(**_: Any) -> None:
+    """Stop the grace-period timer of a shutdown that ended in time, so it sends no SIGQUIT to an exiting worker."""
+    for timer in _grace_timers:
+        timer.cancel()
+
+
+def _return_running_batches(grace_s: float) -> None:
+    logger.warning(
+        "Shutdown grace period of %g s (CLIPFLEET_SHUTDOWN_GRACE_S) is over, so running batches go back to the "
+        "queue", grace_s,
+    )
+    os.kill(os.getpid(), signal.SIGQUIT)

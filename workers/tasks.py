@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from producer.constants import TASK_CLASSIFY_BATCH
 from producer.errors import StorageError
 from producer.messages import BatchMessage
-from workers.app import app, settings
+from workers.app import app, delivery_limits, settings
 
 logger = logging.getLogger(__name__)
 
 # Failures expected to pass: the batch may succeed once the service or the model is back. Any other
 # exception is retried too, because the delivery cap in `process_batch` bounds every retry loop.
 TRANSIENT_ERRORS = (StorageError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+LIMITS = delivery_limits(settings)
 
 
 @app.task(
@@ -25,15 +28,18 @@ TRANSIENT_ERRORS = (StorageError, redis.exceptions.ConnectionError, redis.except
     autoretry_for=(Exception,),
     max_retries=settings.max_delivery_attempts,
     retry_backoff=2,
-    retry_backoff_max=120,
+    retry_backoff_max=LIMITS.retry_backoff_max_s,
     retry_jitter=True,
+    # Celery's strategy, rejecting without requeue a message whose request cannot be built.
+    Strategy="workers.strategy:reject_malformed_requests",
 )
 def classify_batch(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Classify one batch, sent as one positional argument: the JSON object of a `BatchMessage`.
 
     A message of another shape (other arguments, missing or mistyped fields, an invalid job id) is logged as
     an error and acknowledged without a retry, because no retry can fix it. Any exception while processing
-    retries the batch with exponential backoff and jitter. Once retries run out, the delivery cap in
+    retries the batch with exponential backoff and jitter, and so does a batch that reaches its soft time limit
+    (`SoftTimeLimitExceeded`, see `workers.app.delivery_limits`). Once retries run out, the delivery cap in
     `process_batch` records the batch's images as failed.
     """
     from workers.pipeline import process_batch
@@ -42,15 +48,38 @@ def classify_batch(*args: Any, **kwargs: Any) -> dict[str, Any]:
     message = parse_message(args, kwargs)
     if message is None:
         return {"status": "invalid_message"}
+    started = time.monotonic()
     try:
         outcome = process_batch(get_runtime(), message)
+    except SoftTimeLimitExceeded:
+        logger.error(
+            "Job %s batch %d reached its soft time limit of %g s (%g x CLIPFLEET_VISIBILITY_TIMEOUT_S=%d) and will "
+            "be retried; raise CLIPFLEET_VISIBILITY_TIMEOUT_S or lower the batch size",
+            message.job_id, message.batch, LIMITS.soft_time_limit_s,
+            LIMITS.soft_time_limit_s / LIMITS.visibility_timeout_s, LIMITS.visibility_timeout_s,
+        )
+        raise
     except TRANSIENT_ERRORS as e:
         logger.warning("Job %s batch %d failed and will be retried: %s", message.job_id, message.batch, e)
         raise
     except Exception:
         logger.exception("Job %s batch %d failed unexpectedly and will be retried", message.job_id, message.batch)
         raise
+    finally:
+        warn_if_slow(message, time.monotonic() - started)
     return {"status": outcome.status, "succeeded": outcome.succeeded, "failed": outcome.failed}
+
+
+def warn_if_slow(message: BatchMessage, elapsed_s: float) -> None:
+    """Log a warning when a batch ran longer than half the visibility timeout, the margin before redelivery."""
+    if elapsed_s <= LIMITS.slow_batch_s:
+        return
+    logger.warning(
+        "Job %s batch %d took %.1f s, more than half of CLIPFLEET_VISIBILITY_TIMEOUT_S=%d s; raise "
+        "CLIPFLEET_VISIBILITY_TIMEOUT_S above twice the longest batch (or lower the batch size), because a batch "
+        "still running after %g s is stopped and retried",
+        message.job_id, message.batch, elapsed_s, LIMITS.visibility_timeout_s, LIMITS.soft_time_limit_s,
+    )
 
 
 def parse_message(args: tuple[Any, ...], kwargs: dict[str, Any]) -> BatchMessage | None:

@@ -6,6 +6,8 @@ added with :meth:`S3FaultProxy.add_rule` change what happens to matching request
 
 - ``stall``: wait ``stall_s`` seconds before forwarding, so a client with a shorter read timeout
   times out. The wait is capped at :data:`MAX_STALL_S` and ends early when the proxy closes.
+- ``delay``: wait ``delay_ms`` milliseconds before forwarding, to make a job slow without failing it.
+  The same cap and early end apply.
 - ``error_500``: return ``500 InternalError`` with an S3 XML error body, without forwarding.
 - ``slow_down_503``: return ``503 SlowDown`` with an S3 XML error body, without forwarding.
 - ``drop``: close the connection without sending any response, without forwarding.
@@ -35,7 +37,7 @@ LOOPBACK_HOST = "127.0.0.1"
 MAX_STALL_S = 30.0
 UPSTREAM_TIMEOUT_S = 30.0
 COPY_CHUNK_BYTES = 64 * 1024
-ACTIONS = ("stall", "error_500", "slow_down_503", "drop")
+ACTIONS = ("stall", "delay", "error_500", "slow_down_503", "drop")
 
 # Headers that describe one HTTP connection rather than the message, so they are not copied across.
 _HOP_BY_HOP_HEADERS = frozenset(
@@ -57,6 +59,7 @@ class FaultRule:
     fraction: float = 1.0
     max_hits: int | None = None
     stall_s: float = 0.0
+    delay_ms: int = 0
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -119,12 +122,14 @@ class S3FaultProxy:
         fraction: float = 1.0,
         max_hits: int | None = None,
         stall_s: float = 0.0,
+        delay_ms: int = 0,
     ) -> FaultRule:
         """Add a rule and return it. ``method=None`` or ``key_contains=None`` match every request.
 
         Raises:
-            ValueError: an unknown action, a fraction outside 0..1, a max_hits below 1, or a stall
-                rule whose ``stall_s`` is not in (0, MAX_STALL_S].
+            ValueError: an unknown action, a fraction outside 0..1, a max_hits below 1, a stall
+                rule whose ``stall_s`` is not in (0, MAX_STALL_S], or a delay rule whose ``delay_ms``
+                is not in (0, MAX_STALL_S x 1000].
         """
         if action not in ACTIONS:
             raise ValueError(f"unknown fault action {action!r}, expected one of {ACTIONS}")
@@ -134,7 +139,9 @@ class S3FaultProxy:
             raise ValueError(f"max_hits must be at least 1 or None, got {max_hits!r}")
         if action == "stall" and not 0.0 < stall_s <= MAX_STALL_S:
             raise ValueError(f"stall_s must be above 0 and at most {MAX_STALL_S} s, got {stall_s!r}")
-        rule = FaultRule(action, method.upper() if method else None, key_contains, fraction, max_hits, stall_s)
+        if action == "delay" and not 0 < delay_ms <= MAX_STALL_S * 1000:
+            raise ValueError(f"delay_ms must be above 0 and at most {MAX_STALL_S * 1000:.0f} ms, got {delay_ms!r}")
+        rule = FaultRule(action, method.upper() if method else None, key_contains, fraction, max_hits, stall_s, delay_ms)
         with self._lock:
             self._rules.append(rule)
         return rule
@@ -256,6 +263,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         if rule is not None and rule.action == "stall":
             proxy.wait_stall(rule.stall_s)
+        if rule is not None and rule.action == "delay":
+            proxy.wait_stall(rule.delay_ms / 1000)
         try:
             self._forward(proxy, body)
         except (BrokenPipeError, ConnectionResetError):

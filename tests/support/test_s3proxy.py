@@ -108,6 +108,34 @@ def test_short_stall_still_responds(proxy: S3FaultProxy, bucket: str) -> None:
     assert time.monotonic() - started >= 0.3
 
 
+def test_delay_slows_matching_get(proxy: S3FaultProxy, bucket: str) -> None:
+    proxy.add_rule("delay", method="GET", key_contains="plain", delay_ms=400)
+    client = client_for(proxy.endpoint_url, read_timeout_s=5.0)
+    started = time.monotonic()
+    body = client.get_object(Bucket=bucket, Key="plain.bin")["Body"].read()
+    elapsed_s = time.monotonic() - started
+    assert body == BODY
+    assert 0.4 <= elapsed_s < 3.0
+    assert [fault.action for fault in proxy.injected] == ["delay"]
+
+
+def test_delay_leaves_other_keys(proxy: S3FaultProxy, bucket: str) -> None:
+    proxy.add_rule("delay", method="GET", key_contains="plain", delay_ms=2000)
+    client = client_for(proxy.endpoint_url, read_timeout_s=5.0)
+    started = time.monotonic()
+    assert client.get_object(Bucket=bucket, Key=AWKWARD_KEY)["Body"].read() == BODY
+    assert time.monotonic() - started < 2.0
+
+
+def test_delay_max_hits_then_fast(proxy: S3FaultProxy, bucket: str) -> None:
+    proxy.add_rule("delay", method="GET", delay_ms=1500, max_hits=1)
+    client = client_for(proxy.endpoint_url, read_timeout_s=5.0)
+    client.get_object(Bucket=bucket, Key="plain.bin")["Body"].read()
+    started = time.monotonic()
+    assert client.get_object(Bucket=bucket, Key="plain.bin")["Body"].read() == BODY
+    assert time.monotonic() - started < 1.5
+
+
 def test_stall_above_cap_rejected(proxy: S3FaultProxy) -> None:
     with pytest.raises(ValueError):
         proxy.add_rule("stall", stall_s=MAX_STALL_S + 1)
@@ -227,8 +255,10 @@ def test_close_ends_stall_early(s3_server: S3Server, bucket: str) -> None:
         ({"action": "drop", "fraction": 1.5}, "fraction"),
         ({"action": "drop", "max_hits": 0}, "max_hits"),
         ({"action": "stall", "stall_s": 0.0}, "stall_s"),
+        ({"action": "delay", "delay_ms": 0}, "delay_ms"),
+        ({"action": "delay", "delay_ms": int(MAX_STALL_S * 1000) + 1}, "delay_ms"),
     ],
-    ids=["action", "fraction", "max-hits", "zero-stall"],
+    ids=["action", "fraction", "max-hits", "zero-stall", "zero-delay", "delay-above-cap"],
 )
 def test_invalid_rule_rejected(proxy: S3FaultProxy, arguments: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -20,8 +20,13 @@ def start_worker(
     model_dir: Path,
     s3_endpoint_url: str | None = None,
     extra_env: dict[str, str] | None = None,
+    app_module: str = "workers.app",
 ) -> ManagedProcess:
-    """Start `celery -A workers.app worker` with one pool process and wait until it is ready for tasks."""
+    """Start `celery -A APP_MODULE worker` with one pool process and wait until it is ready for tasks.
+
+    `app_module` names the module of the Celery app, `workers.app` unless a test starts a variant of it.
+    Raises RuntimeError, with the end of the worker's log, when the worker exits before it is ready.
+    """
     env = dict(os.environ)
     env.update(
         CLIPFLEET_REDIS_URL=redis_url,
@@ -35,7 +40,7 @@ def start_worker(
     env.update(extra_env or {})
     name = f"test-{uuid.uuid4().hex[:8]}"
     argv = [
-        sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool=prefork", "--concurrency=1",
+        sys.executable, "-m", "celery", "-A", app_module, "worker", "--pool=prefork", "--concurrency=1",
         "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat", "--hostname", f"{name}@%h",
     ]
     worker = ManagedProcess(name, argv, log_dir / f"{name}.log", env)

@@ -1,4 +1,7 @@
-"""A real Celery worker process loads the model once, in its pool process, and reuses it across jobs."""
+"""A real Celery worker process loads the model once, in its pool process, and reuses it across jobs.
+
+The worker's Celery settings derived from the visibility timeout and the shutdown grace period are checked here too.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import pytest
 
 from producer import Client, Settings
 from tests.support.worker import start_worker
+from workers.app import check_visibility_timeout, delivery_limits, worker_config
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PHOTOS = ["astronaut.jpg", "coffee.jpg"]
@@ -69,3 +73,61 @@ def test_model_loaded_once_in_pool_process(tmp_path: Path, redis_url: str, tiny_
     # model would have torch mapped, so its memory map is checked too.
     assert run.children_map_torch == [True], "the pool process should have torch loaded"
     assert run.parent_maps_torch is False, "the parent that forks must not import torch or load the model"
+
+
+@pytest.mark.parametrize(
+    ("visibility_s", "soft_s", "hard_s", "slow_s", "backoff_s", "restore_s"),
+    [(900, 720.0, 810.0, 450.0, 90, 10.0), (10, 8.0, 9.0, 5.0, 1, 2.0), (3600, 2880.0, 3240.0, 1800.0, 120, 10.0)],
+    ids=["default", "minimum", "one-hour"],
+)
+def test_delivery_limits_from_visibility(
+    visibility_s: int, soft_s: float, hard_s: float, slow_s: float, backoff_s: int, restore_s: float
+) -> None:
+    limits = delivery_limits(Settings(visibility_timeout_s=visibility_s))
+    assert limits.soft_time_limit_s == soft_s
+    assert limits.hard_time_limit_s == hard_s
+    assert limits.slow_batch_s == slow_s
+    assert limits.retry_backoff_max_s == backoff_s
+    assert limits.restore_interval_s == restore_s
+
+
+@pytest.mark.parametrize("visibility_s", [10, 11, 59, 100, 900, 1199, 3600, 86400])
+def test_retry_wait_and_hard_limit_fit_visibility(visibility_s: int) -> None:
+    limits = delivery_limits(Settings(visibility_timeout_s=visibility_s))
+    assert limits.soft_time_limit_s < limits.hard_time_limit_s
+    assert limits.retry_backoff_max_s + limits.hard_time_limit_s <= visibility_s
+
+
+def test_visibility_check_rejects_short_timeout() -> None:
+    with pytest.raises(ValueError) as raised:
+        check_visibility_timeout(Settings(visibility_timeout_s=59, fetch_timeout_s=30))
+    message = str(raised.value)
+    assert "CLIPFLEET_VISIBILITY_TIMEOUT_S=59 is below 2 x CLIPFLEET_FETCH_TIMEOUT_S=30" in message
+    assert "time limit of 47.2 s" in message
+    assert "at least 60" in message
+
+
+def test_visibility_check_accepts_twice_fetch_timeout() -> None:
+    check_visibility_timeout(Settings(visibility_timeout_s=60, fetch_timeout_s=30))
+    check_visibility_timeout(Settings(visibility_timeout_s=900, fetch_timeout_s=30))
+
+
+def test_worker_config_time_limits() -> None:
+    config = worker_config(Settings(redis_url="redis://127.0.0.1:6379/0", visibility_timeout_s=100))
+    assert config["task_soft_time_limit"] == 80.0
+    assert config["task_time_limit"] == 90.0
+    assert config["task_acks_on_timeout"] is False
+    assert config["worker_soft_shutdown_timeout"] == 0.0
+    assert config["worker_enable_soft_shutdown_on_idle"] is False
+
+
+def test_worker_config_restores_unacked_every_interval() -> None:
+    options = worker_config(Settings(redis_url="redis://127.0.0.1:6379/0", visibility_timeout_s=30))["broker_transport_options"]
+    assert options["visibility_timeout"] == 30
+    assert options["unacked_restore_interval"] == 6.0
+    assert options["unacked_restore_throttle"] == 1
+
+
+def test_shutdown_grace_rejects_negative() -> None:
+    with pytest.raises(ValueError):
+        Settings(shutdown_grace_s=-1)
