@@ -44,6 +44,8 @@ ERROR_CODES = {
 ERRORS_FIELD_PREFIX = "errors:"
 RETRIES_FIELD_PREFIX = "retries:"
 REDELIVERIES_FIELD = "redeliveries"
+# Batches retried by the task after an exception, such as Redis or storage errors or the soft time limit.
+BATCH_RETRIES_FIELD = RETRIES_FIELD_PREFIX + "batch"
 
 # Job states stored in the job hash.
 STATE_QUEUED = "queued"

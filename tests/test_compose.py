@@ -260,3 +260,23 @@ def test_createbuckets_logs_in_to_minio(services: dict[str, Any]) -> None:
     assert service_environment(createbuckets) == service_environment(services["minio"])
     assert 'mc alias set local http://minio:9000 "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD"' in script
     assert createbuckets["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
+def compose_duration_s(value: str) -> float:
+    """Return the seconds of a Compose duration such as `75s`, `2m` or `1m30s`."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    total, number = 0.0, ""
+    for char in value:
+        if char.isdigit() or char == ".":
+            number += char
+        else:
+            total += float(number) * units[char]
+            number = ""
+    return total
+
+
+def test_stop_grace_outlasts_worker_grace(services: dict[str, Any]) -> None:
+    worker = services["worker"]
+    shutdown_grace_s = float(service_environment(worker)["CLIPFLEET_SHUTDOWN_GRACE_S"])
+
+    assert compose_duration_s(worker["stop_grace_period"]) > shutdown_grace_s

@@ -201,6 +201,9 @@ def test_soft_time_limit_retries_batch(stack: FaultStack) -> None:
     assert "will be retried" in limit_lines[0]
     assert not [line for line in lines if "Hard time limit" in line]
     assert stack.attempts(job.id) == {"0": 2}
+    assert "attempt 1 reached its soft time limit" in limit_lines[0]
+    assert status.retries == {"batch": 1}
+    assert status.redeliveries == 1
     assert error_codes(job) == Counter({None: 12})
     assert_each_input_once(row_counts(job), uris)
     print(f"measured: soft time limit: 12 images, 2 deliveries, job {job_s:.1f} s")

@@ -10,7 +10,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from producer.constants import TASK_CLASSIFY_BATCH
+from producer.constants import BATCH_RETRIES_FIELD, TASK_CLASSIFY_BATCH
 from producer.errors import StorageError
 from producer.messages import BatchMessage
 from workers.app import app, delivery_limits, settings
@@ -53,17 +53,20 @@ def classify_batch(*args: Any, **kwargs: Any) -> dict[str, Any]:
         outcome = process_batch(get_runtime(), message)
     except SoftTimeLimitExceeded:
         logger.error(
-            "Job %s batch %d reached its soft time limit of %g s (%g x CLIPFLEET_VISIBILITY_TIMEOUT_S=%d) and will "
-            "be retried; raise CLIPFLEET_VISIBILITY_TIMEOUT_S or lower the batch size",
-            message.job_id, message.batch, LIMITS.soft_time_limit_s,
+            "Job %s batch %d attempt %d reached its soft time limit of %g s (%g x CLIPFLEET_VISIBILITY_TIMEOUT_S=%d) "
+            "and will be retried; raise CLIPFLEET_VISIBILITY_TIMEOUT_S or lower the batch size",
+            message.job_id, message.batch, _attempt(), LIMITS.soft_time_limit_s,
             LIMITS.soft_time_limit_s / LIMITS.visibility_timeout_s, LIMITS.visibility_timeout_s,
         )
+        _count_batch_retry(message)
         raise
     except TRANSIENT_ERRORS as e:
-        logger.warning("Job %s batch %d failed and will be retried: %s", message.job_id, message.batch, e)
+        logger.warning("Job %s batch %d attempt %d failed and will be retried: %s", message.job_id, message.batch, _attempt(), e)
+        _count_batch_retry(message)
         raise
     except Exception:
-        logger.exception("Job %s batch %d failed unexpectedly and will be retried", message.job_id, message.batch)
+        logger.exception("Job %s batch %d attempt %d failed unexpectedly and will be retried", message.job_id, message.batch, _attempt())
+        _count_batch_retry(message)
         raise
     finally:
         warn_if_slow(message, time.monotonic() - started)
@@ -113,3 +116,18 @@ def _describe_errors(error: ValidationError) -> str:
 
 def _shorten(text: str) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _attempt() -> int:
+    """Return the number of this run of the current task: 1, then 2 for its first retry, and so on."""
+    return int(classify_batch.request.retries or 0) + 1
+
+
+def _count_batch_retry(message: BatchMessage) -> None:
+    """Count a retried batch as `retries:batch` in the job's hash, if Redis can be reached."""
+    from workers.runtime import get_runtime
+
+    try:
+        get_runtime().store.count_event(message.job_id, BATCH_RETRIES_FIELD)
+    except Exception:  # noqa: BLE001 - the batch's own error, being re-raised, matters more
+        logger.warning("Could not count the retry of job %s batch %d", message.job_id, message.batch, exc_info=True)
