@@ -46,6 +46,8 @@ RETRIES_FIELD_PREFIX = "retries:"
 REDELIVERIES_FIELD = "redeliveries"
 # Batches retried by the task after an exception, such as Redis or storage errors or the soft time limit.
 BATCH_RETRIES_FIELD = RETRIES_FIELD_PREFIX + "batch"
+# Redis commands of a batch retried after a connection error or a timeout.
+REDIS_RETRIES_FIELD = RETRIES_FIELD_PREFIX + "redis"
 
 # Job states stored in the job hash.
 STATE_QUEUED = "queued"

@@ -9,11 +9,13 @@ counter such as `HINCRBY` may then count twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
@@ -35,6 +37,37 @@ REDIS_CONNECT_TIMEOUT_S = 5.0
 
 # The command a client is running, named in retry log lines. Pipelines and connection set-up show the default.
 _operation: ContextVar[str] = ContextVar("redis_operation", default="command")
+
+
+@dataclass
+class RedisRetryScope:
+    """The job and batch whose work the current thread is doing, and the Redis retries it has needed."""
+
+    job_id: str
+    batch: int
+    retries: int = 0
+
+
+_scope: ContextVar[RedisRetryScope | None] = ContextVar("redis_retry_scope", default=None)
+
+
+@contextlib.contextmanager
+def redis_retry_scope(job_id: str, batch: int) -> Iterator[RedisRetryScope]:
+    """Name `job_id` and `batch` in the Redis retry log lines of this thread, and count the retries.
+
+    The count is in the yielded scope's `retries`, so the caller can record it once Redis is back.
+    """
+    scope = RedisRetryScope(job_id, batch)
+    token = _scope.set(scope)
+    try:
+        yield scope
+    finally:
+        _scope.reset(token)
+
+
+def _scope_prefix() -> str:
+    scope = _scope.get()
+    return f"Job {scope.job_id} batch {scope.batch}: " if scope is not None else ""
 
 
 class LoggedRetry(Retry):
@@ -78,12 +111,18 @@ class LoggedRetry(Retry):
                 delay_s = self._backoff.compute(failures)
                 elapsed_s = time.monotonic() - started
                 if failures > self._retries or elapsed_s + delay_s > self.max_total_s:
-                    logger.error("Redis %s failed %d times in %.1f s; giving up: %s", _operation.get(), failures, elapsed_s, error)
+                    logger.error(
+                        "%sRedis %s failed %d times in %.1f s; giving up: %s",
+                        _scope_prefix(), _operation.get(), failures, elapsed_s, error,
+                    )
                     raise
                 logger.warning(
-                    "Redis %s failed (attempt %d, %.1f s since the first); retrying in %.2f s: %s",
-                    _operation.get(), failures, elapsed_s, delay_s, error,
+                    "%sRedis %s failed (attempt %d, %.1f s since the first); retrying in %.2f s: %s",
+                    _scope_prefix(), _operation.get(), failures, elapsed_s, delay_s, error,
                 )
+                scope = _scope.get()
+                if scope is not None:
+                    scope.retries += 1
             time.sleep(delay_s)
 
 

@@ -10,9 +10,10 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from producer.constants import BATCH_RETRIES_FIELD, TASK_CLASSIFY_BATCH
+from producer.constants import BATCH_RETRIES_FIELD, REDIS_RETRIES_FIELD, TASK_CLASSIFY_BATCH
 from producer.errors import StorageError
 from producer.messages import BatchMessage
+from producer.redis_client import RedisRetryScope, redis_retry_scope
 from workers.app import app, delivery_limits, settings
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ def classify_batch(*args: Any, **kwargs: Any) -> dict[str, Any]:
     if message is None:
         return {"status": "invalid_message"}
     started = time.monotonic()
+    redis_scope = RedisRetryScope(message.job_id, message.batch)
     try:
-        outcome = process_batch(get_runtime(), message)
+        with redis_retry_scope(message.job_id, message.batch) as redis_scope:
+            outcome = process_batch(get_runtime(), message)
     except SoftTimeLimitExceeded:
         logger.error(
             "Job %s batch %d attempt %d reached its soft time limit of %g s (%g x CLIPFLEET_VISIBILITY_TIMEOUT_S=%d) "
@@ -70,6 +73,7 @@ def classify_batch(*args: Any, **kwargs: Any) -> dict[str, Any]:
         raise
     finally:
         warn_if_slow(message, time.monotonic() - started)
+        _count_redis_retries(message, redis_scope.retries)
     return {"status": outcome.status, "succeeded": outcome.succeeded, "failed": outcome.failed}
 
 
@@ -131,3 +135,15 @@ def _count_batch_retry(message: BatchMessage) -> None:
         get_runtime().store.count_event(message.job_id, BATCH_RETRIES_FIELD)
     except Exception:  # noqa: BLE001 - the batch's own error, being re-raised, matters more
         logger.warning("Could not count the retry of job %s batch %d", message.job_id, message.batch, exc_info=True)
+
+
+def _count_redis_retries(message: BatchMessage, retries: int) -> None:
+    """Count the Redis commands this batch retried as `retries:redis`, once Redis answers again."""
+    if not retries:
+        return
+    from workers.runtime import get_runtime
+
+    try:
+        get_runtime().store.count_event(message.job_id, REDIS_RETRIES_FIELD, retries)
+    except Exception:  # noqa: BLE001 - counting must not turn a finished batch into a failed one
+        logger.warning("Could not count %d Redis retries of job %s batch %d", retries, message.job_id, message.batch, exc_info=True)
