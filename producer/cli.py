@@ -19,6 +19,7 @@ import redis
 from pydantic import ValidationError
 
 from producer.client import Client, Job, check_error_codes, make_spec
+from producer.constants import FINAL_STATES
 from producer.errors import ClipfleetError, InvalidJobSpec
 from producer.redact import redact_url
 from producer.settings import Settings
@@ -253,7 +254,7 @@ def cmd_submit(args: argparse.Namespace, wait: bool = False) -> int:
     settings = Settings()
     spec = _spec(settings, args)  # invalid input fails before Redis is contacted
     client = Client(settings)
-    job = client.submit_spec(spec)
+    job = client.submit_spec(spec, on_created=lambda job_id: print(f"job {job_id} created; enqueueing its batches", file=sys.stderr))
     print(job.id)
     if wait or getattr(args, "wait", False):
         started = time.monotonic()
@@ -288,7 +289,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if job.cancel():
         print(f"cancelled {job.id}")
         return 0
-    print(f"job {job.id} had already ended ({job.status().state})", file=sys.stderr)
+    state = job.status().state
+    reason = f"had already ended ({state})" if state in FINAL_STATES else "has counted every batch and is finishing"
+    print(f"job {job.id} {reason}; nothing was cancelled", file=sys.stderr)
     return EXIT_ERROR
 
 
@@ -346,6 +349,7 @@ def _status_dict(status: JobStatus) -> dict[str, Any]:
         "errors": status.errors,
         "retries": status.retries,
         "retries_total": status.retries_total,
+        "giveups": status.giveups,
         "redeliveries": status.redeliveries,
         "retry_round": status.retry_round,
     }
@@ -363,7 +367,11 @@ def _print_summary(job: Job, status: JobStatus, elapsed_s: float) -> None:
     rate = f", {status.images_per_s:.1f} images/s from the first batch on" if status.images_per_s else ""
     print(f"  time: {elapsed_s:.1f} s in all{rate}")
     retries = ", ".join(f"{kind} {count}" for kind, count in status.retries.items())
-    print(f"  retries: {status.retries_total}{f' ({retries})' if retries else ''}; redeliveries: {status.redeliveries}")
+    giveups = ", ".join(f"{kind} {count}" for kind, count in status.giveups.items())
+    print(
+        f"  retries: {status.retries_total}{f' ({retries})' if retries else ''}; "
+        f"gave up: {sum(status.giveups.values())}{f' ({giveups})' if giveups else ''}; redeliveries: {status.redeliveries}"
+    )
     if status.retry_round:
         print(f"  retry rounds: {status.retry_round}")
     for label, count in labels.most_common(20):

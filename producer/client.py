@@ -77,8 +77,9 @@ class Client:
         spec = make_spec(self.settings, source, labels, output, templates, model, batch_size, top_k, extensions)
         return self.submit_spec(spec)
 
-    def submit_spec(self, spec: JobSpec) -> "Job":
-        """Enqueue a validated job; see `submit`.
+    def submit_spec(self, spec: JobSpec, on_created: Callable[[str], None] | None = None) -> "Job":
+        """Enqueue a validated job; see `submit`. `on_created` is called with the job id as soon as the job
+        exists in Redis, before its batches are enqueued, which can take long behind a full queue.
 
         Raises OutputNotWritable (a StorageError and an InvalidJobSpec) when the output is not writable.
         """
@@ -89,11 +90,15 @@ class Client:
         job_id = new_job_id()
         self.store.create(job_id, spec)
         logger.info("Job %s created: %s -> %s", job_id, spec.source, job_output(spec, job_id))
+        if on_created is not None:
+            on_created(job_id)
+        # NOTE: a producer killed with SIGKILL from here on leaves the job running forever; the user must
+        # cancel it and submit again.
         remaining = itertools.chain([first], uris) if first is not None else iter(())
         try:
             batches = self._enqueue(job_id, spec, remaining)
         except BaseException as e:
-            self.store.fail(job_id, f"listing stopped after an error; enqueued batches are dropped: {e or type(e).__name__}")
+            self.store.fail(job_id, f"enqueueing stopped ({_describe_stop(e)}); the batches already enqueued are dropped")
             raise
         if self.store.finish_listing(job_id, stats.listed, stats.skipped, batches):
             finalize_job(self.store, self.storage, job_id)
@@ -266,7 +271,7 @@ class Job:
                 sender.send(BatchMessage(job_id=self.id, batch=batch, uris=uris, retry_round=retry_round))
         except BaseException as e:
             if self.client.store.cancel(self.id):
-                self.client.store.set_fields(self.id, error=f"retry round {retry_round} stopped while enqueueing: {e or type(e).__name__}")
+                self.client.store.set_fields(self.id, error=f"retry round {retry_round} stopped while enqueueing ({_describe_stop(e)})")
             raise
         finally:
             sender.close()
@@ -369,3 +374,10 @@ def _spec_fields(
     if extensions is not None:
         fields["extensions"] = list(extensions)
     return fields
+
+
+def _describe_stop(error: BaseException) -> str:
+    """Describe why enqueueing stopped: an interrupt by name, any other error with its message."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -43,6 +43,8 @@ ERROR_CODES = {
 # `retries:<kind>` counts retried operations (for example `retries:s3_get`), summed as the job's retries.
 ERRORS_FIELD_PREFIX = "errors:"
 RETRIES_FIELD_PREFIX = "retries:"
+# `giveups:<kind>` counts operations whose retries ran out (for example `giveups:s3_get`).
+GIVEUPS_FIELD_PREFIX = "giveups:"
 REDELIVERIES_FIELD = "redeliveries"
 # Batches retried by the task after an exception, such as Redis or storage errors or the soft time limit.
 BATCH_RETRIES_FIELD = RETRIES_FIELD_PREFIX + "batch"

@@ -18,7 +18,7 @@ from typing import Any
 from producer.constants import REDELIVERIES_FIELD, SHARD_NAME, STATE_CANCELLED, SUCCESS_MARKER
 from producer.errors import StorageError
 from producer.spec import JobSpec
-from producer.state import JobStore, error_counts, retry_counts
+from producer.state import JobStore, error_counts, giveup_counts, retry_counts
 from producer.storage import Storage, join_location
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def finalize_job(store: JobStore, storage: Storage, job_id: str) -> bool:
     that the job or its current round completed. Returns False when another process already finalized this
     round, or the job was cancelled.
     """
-    # NOTE: a cancel that lands between this check and mark_succeeded is overwritten by "succeeded".
+    # JobStore.cancel rejects a job whose batches are all counted, so no cancel lands after this check.
     fields = store.fields(job_id)
     if fields["state"] == STATE_CANCELLED:
         logger.info("Job %s was cancelled; no success marker is written", job_id)
@@ -136,6 +136,7 @@ def build_summary(store: JobStore, job_id: str, finished_at: float) -> dict[str,
         "errors": error_counts(fields),
         "retries": retries,
         "retries_total": sum(retries.values()),
+        "giveups": giveup_counts(fields),
         "redeliveries": int(fields.get(REDELIVERIES_FIELD, 0)),
         "retry_round": int(fields.get("retry_round", 0)),
         "model": spec.model,

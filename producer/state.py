@@ -27,6 +27,7 @@ from producer.constants import (
     JOB_ROUND_FINALIZED_KEY,
     JOBS_INDEX_KEY,
     REDELIVERIES_FIELD,
+    GIVEUPS_FIELD_PREFIX,
     RETRIES_FIELD_PREFIX,
     STATE_CANCELLED,
     STATE_FAILED,
@@ -57,6 +58,23 @@ local listed = redis.call('HGET', KEYS[1], 'listing_done') == '1'
 local total = tonumber(redis.call('HGET', KEYS[1], 'batches_total'))
 if listed and finished == total then return {1, 1} end
 return {1, 0}
+"""
+
+# KEYS: job hash. ARGV: now. Returns 1 when the job is now cancelled, 0 when it had ended or every batch
+# of the job (or of its current retry round) is counted, so it is being finalized, -1 when it does not exist.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+if state == 'succeeded' or state == 'cancelled' or state == 'failed' then return 0 end
+local round = tonumber(redis.call('HGET', KEYS[1], 'retry_round') or '0')
+if round == 0 then
+  local listed = redis.call('HGET', KEYS[1], 'listing_done') == '1'
+  if listed and redis.call('HGET', KEYS[1], 'batches_done') == redis.call('HGET', KEYS[1], 'batches_total') then return 0 end
+elseif redis.call('HGET', KEYS[1], 'round_batches_done') == redis.call('HGET', KEYS[1], 'round_batches_total') then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
+return 1
 """
 
 # KEYS: job hash. ARGV: field, amount. A job hash without a state (lost in a Redis restart without
@@ -138,8 +156,9 @@ class JobStatus:
     """A snapshot of one job. `done` counts finished images, successful or not; `failed` is part of `done`.
 
     `errors` maps each error code to its number of result rows (they sum to `failed`). `retries` maps each
-    kind of retried operation (such as `s3_get`) to its count, and `retries_total` sums them. `redeliveries`
-    counts deliveries of a batch beyond its first. `retry_round` is 0 until `clipfleet retry` starts round 1.
+    kind of retried operation (such as `s3_get`) to its count, and `retries_total` sums them. `giveups` maps
+    each kind to the operations whose retries ran out. `redeliveries` counts deliveries of a batch beyond
+    its first. `retry_round` is 0 until `clipfleet retry` starts round 1.
     """
 
     job_id: str
@@ -159,6 +178,7 @@ class JobStatus:
     retries_total: int = 0
     redeliveries: int = 0
     retry_round: int = 0
+    giveups: dict[str, int] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> int:
@@ -184,6 +204,7 @@ class JobStore:
         self._record_retry = client.register_script(_RECORD_RETRY_BATCH)
         self._start_retry = client.register_script(_START_RETRY)
         self._count_event = client.register_script(_COUNT_EVENT)
+        self._cancel = client.register_script(_CANCEL)
 
     @classmethod
     def from_url(cls, url: str) -> "JobStore":
@@ -320,12 +341,16 @@ class JobStore:
         self.set_fields(job_id, state=STATE_SUCCEEDED, finished_at=repr(finished_at))
 
     def cancel(self, job_id: str) -> bool:
-        """Mark a job cancelled unless it already ended. Returns True when this call cancelled it."""
-        fields = self._fields(job_id)
-        if fields["state"] in FINAL_STATES:
-            return False
-        self.set_fields(job_id, state=STATE_CANCELLED, finished_at=repr(time.time()))
-        return True
+        """Mark a job cancelled unless it already ended or every batch of it (or of its retry round) is
+        counted, in which case it is being finalized and will succeed. Returns True when this call cancelled it.
+
+        The check and the change are one Lua script, and so is the counting of the last batch, so a job is
+        never reported cancelled and then finalized as succeeded.
+        """
+        result = int(self._cancel(keys=[_job_key(job_id)], args=[repr(time.time())]))
+        if result < 0:
+            raise JobNotFound(f"job {job_id!r} not found in Redis; check the id and CLIPFLEET_REDIS_URL")
+        return result == 1
 
     def state(self, job_id: str) -> str:
         state = self.redis.hget(_job_key(job_id), "state")
@@ -377,6 +402,7 @@ class JobStore:
             errors=error_counts(fields),
             retries=retry_counts(fields),
             retries_total=sum(retry_counts(fields).values()),
+            giveups=giveup_counts(fields),
             redeliveries=int(fields.get(REDELIVERIES_FIELD, 0)),
             retry_round=retry_round,
         )
@@ -408,6 +434,11 @@ def error_counts(fields: Mapping[str, str]) -> dict[str, int]:
 def retry_counts(fields: Mapping[str, str]) -> dict[str, int]:
     """Return the non-zero `retries:<kind>` counters of a job hash as `{kind: retries}`, sorted by kind."""
     return _prefixed_counts(fields, RETRIES_FIELD_PREFIX)
+
+
+def giveup_counts(fields: Mapping[str, str]) -> dict[str, int]:
+    """Return the non-zero `giveups:<kind>` counters of a job hash as `{kind: give-ups}`, sorted by kind."""
+    return _prefixed_counts(fields, GIVEUPS_FIELD_PREFIX)
 
 
 def _prefixed_counts(fields: Mapping[str, str], prefix: str) -> dict[str, int]:

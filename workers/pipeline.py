@@ -21,12 +21,12 @@ from producer.constants import FINAL_STATES, REDELIVERIES_FIELD, STATE_SUCCEEDED
 from producer.errors import JobNotFound, StorageError
 from producer.messages import BatchMessage
 from producer.results import count_rows, finalize_job, read_shard, replace_rows, write_shard
-from producer.spec import JobSpec, local_root
+from producer.spec import JobSpec
 from workers.classify import encode_images, score, top_k_rows
 from workers.fetch import fetch_bytes
 from workers.images import ImageError, decode_image, image_pixels
 from workers.model import LoadedModel, ModelLoadError
-from workers.policy import JobRejected, check_job
+from workers.policy import JobRejected, allowed_local_root, check_job
 from workers.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def classify_uris(
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Return one result row per URI, in order, and the seconds spent waiting for images and in the model."""
     label_embeddings = runtime.prompts.get(spec, loaded)  # [labels, dim]
-    root = local_root(spec)
+    root = allowed_local_root(spec, runtime.settings)
     futures = [runtime.pool.submit(load_pixels, runtime, loaded, uri, root, job_id, batch) for uri in uris]
     rows: list[dict[str, Any] | None] = [None] * len(uris)
     pending: list[tuple[int, np.ndarray]] = []

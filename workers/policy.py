@@ -4,10 +4,10 @@ Producers check jobs at submit, but anyone who can write to the Redis that a wor
 job spec directly. So each worker checks again, against its own settings:
 
 - The job has at most `CLIPFLEET_MAX_LABELS` labels and `CLIPFLEET_MAX_PROMPTS` prompts.
-
 - An S3 source or output must be in `CLIPFLEET_ALLOWED_BUCKETS` when that setting is not empty.
-- A local source or output must lie under one of `CLIPFLEET_LOCAL_ROOTS`, with symbolic links resolved.
-  With that setting empty, the worker rejects every local path. `clipfleet run` sets it for its private
+- A local source folder or output must lie under one of `CLIPFLEET_LOCAL_ROOTS`, with symbolic links
+  resolved. With that setting empty, the worker rejects every local path. A local manifest is read at
+  submit, so only the local image paths it lists must lie under those folders. `clipfleet run` sets it for its private
   worker to the job's source and output folders.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from producer.errors import ClipfleetError, InvalidJobSpec
 from producer.settings import Settings
+from producer.sources import MANIFEST_SUFFIXES
 from producer.spec import JobSpec, check_job_size, local_root
 from producer.uris import S3Uri, parse_location
 
@@ -36,13 +37,33 @@ def check_job(spec: JobSpec, settings: Settings) -> None:
 
 def check_job_locations(spec: JobSpec, settings: Settings) -> None:
     """Raise JobRejected, naming the location and the setting to change, if `spec` is not allowed here."""
-    source_folder = local_root(spec)  # the folder that local images must stay under, None for S3
-    for role, value in (("source", str(source_folder or spec.source)), ("output", spec.output)):
+    checked = [("output", spec.output)]
+    # A manifest is read at submit, so workers need only its S3 entries, or the local image paths in it,
+    # which `allowed_local_root` confines. Any other source is checked as the folder images come from.
+    if not spec.source.lower().endswith(MANIFEST_SUFFIXES):
+        checked.insert(0, ("source", str(local_root(spec) or spec.source)))
+    for role, value in checked:
         location = parse_location(value)
         if isinstance(location, S3Uri):
             _check_bucket(role, location, settings.allowed_buckets)
         else:
             _check_local(role, location, settings.local_roots)
+
+
+def allowed_local_root(spec: JobSpec, settings: Settings) -> Path | None:
+    """Return the folder that the job's local images must lie under, or None when local paths are not allowed.
+
+    It is the job's source folder (or its manifest's folder) when that lies under one of
+    `CLIPFLEET_LOCAL_ROOTS`. With None, `workers.fetch` reads no local path.
+    """
+    folder = local_root(spec)
+    if folder is None:
+        return None
+    try:
+        _check_local("source", folder, settings.local_roots)
+    except JobRejected:
+        return None
+    return folder
 
 
 def _check_bucket(role: str, location: S3Uri, allowed_buckets: list[str]) -> None:

@@ -755,3 +755,32 @@ def test_record_batch_skips_missing_job(redis_url: str) -> None:
     store = JobStore.from_url(redis_url)
     assert store.record_batch("lost-job", 0, 1, 0) == (False, False)
     assert store.redis.exists("clipfleet:job:lost-job") == 0
+
+
+def test_cancel_rejected_once_batches_counted(store: JobStore) -> None:
+    store.create("job-done", build_spec(source="s3://photos/in/", labels=["cat"], output="s3://results/"))
+    store.finish_listing("job-done", 2, 0, 1)
+    store.record_batch("job-done", 0, 2, 0)
+    assert store.cancel("job-done") is False
+    assert store.state("job-done") == "running"
+
+
+def test_cancel_before_last_batch(store: JobStore) -> None:
+    store.create("job-open", build_spec(source="s3://photos/in/", labels=["cat"], output="s3://results/"))
+    store.finish_listing("job-open", 4, 0, 2)
+    store.record_batch("job-open", 0, 2, 0)
+    assert store.cancel("job-open") is True
+    assert store.state("job-open") == "cancelled"
+
+
+def test_cancel_unknown_job(store: JobStore) -> None:
+    with pytest.raises(JobNotFound):
+        store.cancel("no-such-job")
+
+
+def test_status_shows_giveups(store: JobStore, job: str) -> None:
+    store.count_event(job, "giveups:s3_get", 3)
+    store.count_event(job, "retries:s3_get", 9)
+    status = store.status(job)
+    assert status.giveups == {"s3_get": 3}
+    assert status.retries == {"s3_get": 9}

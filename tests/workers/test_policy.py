@@ -8,7 +8,7 @@ import pytest
 
 from producer.settings import Settings
 from producer.spec import JobSpec, build_spec
-from workers.policy import JobRejected, check_job, check_job_locations
+from workers.policy import JobRejected, allowed_local_root, check_job, check_job_locations
 
 
 def spec_for(source: str, output: str) -> JobSpec:
@@ -97,3 +97,21 @@ def test_too_many_prompts_rejected() -> None:
 
 def test_job_within_limits_passes() -> None:
     check_job(spec_for("s3://photos/in/", "s3://results/out/"), settings_with(max_labels=1, max_prompts=1))
+
+
+def test_local_manifest_of_s3_uris_passes(tmp_path: Path) -> None:
+    manifest = tmp_path / "images.txt"
+    manifest.write_text("s3://photos/a.jpg\n", encoding="utf-8")
+    check_job_locations(spec_for(str(manifest), "s3://results/out/"), settings_with())
+
+
+def test_local_manifest_images_need_root(tmp_path: Path) -> None:
+    manifest = tmp_path / "images.txt"
+    manifest.write_text("a.jpg\n", encoding="utf-8")
+    spec = spec_for(str(manifest), "s3://results/out/")
+    assert allowed_local_root(spec, settings_with()) is None
+    assert allowed_local_root(spec, settings_with(local_roots=[str(tmp_path)])) == tmp_path
+
+
+def test_s3_job_has_no_local_root() -> None:
+    assert allowed_local_root(spec_for("s3://photos/in/", "s3://results/out/"), settings_with(local_roots=["/"])) is None
