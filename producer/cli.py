@@ -352,6 +352,8 @@ def _status_dict(status: JobStatus) -> dict[str, Any]:
         "giveups": status.giveups,
         "redeliveries": status.redeliveries,
         "retry_round": status.retry_round,
+        "round_batches_done": status.round_batches_done,
+        "round_batches_total": status.round_batches_total,
     }
 
 

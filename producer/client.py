@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from producer.constants import ERROR_CODES, STATE_CANCELLED, STATE_SUCCEEDED
+from producer.constants import ERROR_CODES, SHARD_NAME, STATE_CANCELLED, STATE_SUCCEEDED
 from producer.errors import ClipfleetError, InvalidJobSpec
 from producer.messages import BatchMessage, check_job_id
 from producer.queue import BatchSender, make_celery
@@ -252,12 +252,27 @@ class Job:
         """Return the URIs to retry by batch, and the counts of each of those batches' shards as JSON."""
         failed_uris: dict[int, list[str]] = {}
         baseline: dict[int, str] = {}
+        found: set[int] = set()
         for batch, rows in iter_shards(self.client.storage, self.spec, self.id):
+            found.add(batch)
             uris = [row["uri"] for row in rows if row["error"] is not None and row["error"]["code"] in codes]
             if uris:
                 failed_uris[batch] = uris
                 baseline[batch] = batch_counts_json(*count_rows(rows))
+        self._check_shards_present(found)
         return failed_uris, baseline
+
+    def _check_shards_present(self, found: set[int]) -> None:
+        """Raise RetryNotStarted naming the missing shards when some batch of the job has none."""
+        batches_total = int(self.client.store.fields(self.id).get("batches_total", 0))
+        missing = sorted(set(range(batches_total)) - found)
+        if missing:
+            names = ", ".join(SHARD_NAME.format(batch=batch) for batch in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise RetryNotStarted(
+                f"job {self.id} has no shard for {len(missing)} of its {batches_total} batches ({names}{more}), "
+                "so their images have no rows to retry; restore the shards or submit the job again"
+            )
 
     def _enqueue_retry(self, retry_round: int, failed_uris: Mapping[int, list[str]]) -> None:
         """Send one task per batch. An error cancels the round, so a later `retry` can start again."""

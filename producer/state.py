@@ -179,6 +179,8 @@ class JobStatus:
     redeliveries: int = 0
     retry_round: int = 0
     giveups: dict[str, int] = field(default_factory=dict)
+    round_batches_done: int = 0
+    round_batches_total: int = 0
 
     @property
     def succeeded(self) -> int:
@@ -405,6 +407,8 @@ class JobStore:
             giveups=giveup_counts(fields),
             redeliveries=int(fields.get(REDELIVERIES_FIELD, 0)),
             retry_round=retry_round,
+            round_batches_done=int(fields.get("round_batches_done", 0)),
+            round_batches_total=int(fields.get("round_batches_total", 0)),
         )
 
     def listed(self, job_id: str) -> int:

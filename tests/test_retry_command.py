@@ -159,6 +159,9 @@ def test_cli_status_shows_counters(cli_env: dict[str, str], cli_retried: dict[st
     assert status["retries_total"] == sum(status["retries"].values())
     assert status["redeliveries"] == 0
     assert status["retry_round"] == 1
+    assert status["round_batches_done"] == status["round_batches_total"]
+    assert status["round_batches_total"] > 0
+    assert status["giveups"] == {}
 
 
 def test_cli_retry_nothing_failed(cli_env: dict[str, str], cli_retried: dict[str, Any]) -> None:
@@ -238,3 +241,15 @@ def test_cli_retry_unknown_code(cli_env: dict[str, str]) -> None:
     result = clipfleet(cli_env, "retry", "20260101-000000-deadbeef", "--codes", "not_found,lost")
     assert result.returncode == 2
     assert "unknown error code(s) ['lost']" in result.stderr
+
+
+def test_api_retry_missing_shard_rejected(client: Client) -> None:
+    parts = finished_job(client)
+    client.storage.client.delete_object(Bucket=parts["bucket"], Key=f"results/{parts['job'].id}/part-000000.jsonl")
+
+    with pytest.raises(RetryNotStarted) as caught:
+        parts["job"].retry()
+
+    assert "part-000000.jsonl" in str(caught.value)
+    assert "no shard for 1 of its" in str(caught.value)
+    assert parts["job"].status().retry_round == 0
