@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 
-from producer import Client, Settings
+from producer import Client
 from producer.spec import build_spec
 from producer.state import RetryNotStarted
-from tests.support.servers import RedisServer, S3Server
-from tests.support.worker import start_worker
+from tests.support.worker import stack_client, worker_stack
 
 DATA = Path(__file__).resolve().parent / "data"
 LABELS = ["cat", "rocket", "coffee cup", "astronaut"]
@@ -35,18 +34,13 @@ LATE = {"late-1.jpg": "chelsea.jpg", "late-2.jpg": "rocket.jpg"}
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path, aws_test_environment: None) -> Iterator[dict[str, Any]]:
     """A private Redis, moto's S3 server and one worker process, shared by this module's jobs."""
-    log_dir = tmp_path_factory.mktemp("worker-logs")
-    with RedisServer() as server, S3Server() as s3:
-        worker = start_worker(log_dir, server.url, tiny_clip_dir, s3.endpoint_url)
-        try:
-            yield {"redis_url": server.url, "s3": s3, "worker": worker}
-        finally:
-            worker.stop()
+    with worker_stack(tmp_path_factory.mktemp("worker-logs"), tiny_clip_dir) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def client(stack: dict[str, Any], tiny_clip_dir: Path) -> Client:
-    return Client(Settings(redis_url=stack["redis_url"], s3_endpoint_url=stack["s3"].endpoint_url, model=str(tiny_clip_dir)))
+    return stack_client(stack, tiny_clip_dir)
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from producer.client import Client
 from producer.embedded import ManagedProcess
+from producer.settings import Settings
 
 READY_TIMEOUT_S = 120.0
 
@@ -59,3 +64,21 @@ def _wait_until_ready(worker: ManagedProcess) -> None:
         time.sleep(0.2)
     worker.stop()
     raise TimeoutError(f"worker not ready within {READY_TIMEOUT_S} s:\n{worker.log_tail(40)}")
+
+
+@contextlib.contextmanager
+def worker_stack(log_dir: Path, model_dir: Path) -> Iterator[dict[str, Any]]:
+    """Run a private Redis, moto's S3 server and one worker process; yield their `redis_url`, `s3` and `worker`."""
+    from tests.support.servers import RedisServer, S3Server
+
+    with RedisServer() as server, S3Server() as s3:
+        worker = start_worker(log_dir, server.url, model_dir, s3.endpoint_url)
+        try:
+            yield {"redis_url": server.url, "s3": s3, "worker": worker}
+        finally:
+            worker.stop()
+
+
+def stack_client(stack: dict[str, Any], model_dir: Path) -> Client:
+    """Return a client of the Redis and S3 server of a `worker_stack`."""
+    return Client(Settings(redis_url=stack["redis_url"], s3_endpoint_url=stack["s3"].endpoint_url, model=str(model_dir)))
