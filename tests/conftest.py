@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import boto3
@@ -15,6 +16,8 @@ import pytest
 import redis
 from botocore.client import BaseClient
 
+from producer.client import Client
+from producer.settings import Settings
 from tests.support.checkpoints import build_tiny_clip
 from tests.support.servers import RedisServer, S3Server
 
@@ -28,6 +31,8 @@ AWS_TEST_ENVIRONMENT = {
 }
 AWS_VARIABLES_TO_CLEAR = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL")
 LOOPBACK_NO_PROXY = "127.0.0.1,localhost"
+# The Celery queue of the clients that `make_client` builds; `redis_url` empties it before each test.
+TEST_QUEUE = "clipfleet-test"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -102,3 +107,31 @@ def make_bucket(s3_client: BaseClient) -> Callable[[], str]:
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random CLIP checkpoint directory, built once per session (see tests.support.checkpoints)."""
     return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain redis-py client of the test Redis, to inspect queues and job hashes."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=5.0)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_client(redis_url: str, s3_server: S3Server) -> Iterator[Callable[..., Client]]:
+    """A function that builds a Client of the test Redis and S3 server, sending to TEST_QUEUE.
+
+    Keywords go to Settings. The clients' connections are closed after the test.
+    """
+    clients: list[Client] = []
+
+    def build(**settings: Any) -> Client:
+        values = {"redis_url": redis_url, "s3_endpoint_url": s3_server.endpoint_url, "queue": TEST_QUEUE, **settings}
+        client = Client(Settings(**values))
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client._celery.close()
+        client.store.redis.close()

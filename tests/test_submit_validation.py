@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,8 @@ from producer import Client, Settings
 from producer.constants import JOBS_INDEX_KEY
 from producer.errors import InvalidJobSpec
 from producer.spec import build_spec, check_job_size
+from tests.conftest import TEST_QUEUE as QUEUE
 
-QUEUE = "clipfleet-submit-validation"
 CLI_TIMEOUT_S = 60
 MEGABYTE_KEY = "k" * (1024 * 1024)
 LONG_LABEL = "x" * 80  # 92 tokens with the default template in the tiny checkpoint's vocabulary
@@ -89,13 +89,6 @@ REJECTED = {
     "output-under-file": Case(unwritable_local_output, ("file.txt/out", "not writable", "check that the path is a folder")),
     "manifest-megabyte-line": Case(manifest_with_long_line, ("list.txt line 3", "at most 4096 bytes")),
 }
-
-
-@pytest.fixture
-def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, socket_timeout=5.0)
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -29,9 +29,9 @@ from producer.queue import BatchSender, celery_config, make_celery
 from producer.settings import Settings
 from producer.spec import build_spec
 from producer.state import JobStatus, JobStore, RetryNotStarted, batch_counts_json
+from tests.conftest import TEST_QUEUE as QUEUE
 
 JOB_ID = "20260101-000000-0123abcd"
-QUEUE = "clipfleet-test"
 WAIT_LIMIT_S = 10.0
 
 
@@ -40,13 +40,6 @@ def store(redis_url: str) -> Iterator[JobStore]:
     job_store = JobStore.from_url(redis_url)
     yield job_store
     job_store.redis.close()
-
-
-@pytest.fixture
-def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, socket_timeout=5.0)
-    yield client
-    client.close()
 
 
 @pytest.fixture
@@ -594,23 +587,6 @@ def upload_images(s3_client: BaseClient, bucket: str, prefix: str, count: int) -
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(lambda key: s3_client.put_object(Bucket=bucket, Key=key, Body=b"x"), keys))
     return keys
-
-
-@pytest.fixture
-def make_client(redis_url: str, s3_server) -> Iterator[Callable[..., Client]]:
-    """A function that builds a Client for the test Redis and S3 server. Extra keywords go to Settings."""
-    clients: list[Client] = []
-
-    def build(**settings: Any) -> Client:
-        values = {"redis_url": redis_url, "s3_endpoint_url": s3_server.endpoint_url, "queue": QUEUE, **settings}
-        client = Client(Settings(**values))
-        clients.append(client)
-        return client
-
-    yield build
-    for client in clients:
-        client._celery.close()
-        client.store.redis.close()
 
 
 def job_keys(client: redis.Redis) -> list[bytes]:

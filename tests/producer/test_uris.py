@@ -7,15 +7,14 @@ in the queue where the tests can count it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 from botocore.client import BaseClient
 
-from producer import Client, Settings
+from producer import Client
 from producer.constants import JOB_KEY
 from producer.errors import ClipfleetError, InvalidJobSpec
 from producer.uris import (
@@ -27,8 +26,7 @@ from producer.uris import (
     shorten,
     uri_scheme,
 )
-
-QUEUE = "clipfleet-uris-test"
+from tests.conftest import TEST_QUEUE as QUEUE
 
 # Keys that an unquoting, normalising or path-cleaning step would change.
 EXACT_KEYS = [
@@ -231,30 +229,6 @@ def test_shorten_cuts_long_value() -> None:
 
 
 # --- submit ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def make_client(redis_url: str, s3_server: Any) -> Iterator[Callable[..., Client]]:
-    """A function that builds a Client for the test Redis and S3 server. Keywords go to Settings."""
-    clients: list[Client] = []
-
-    def build(**settings: Any) -> Client:
-        values = {"redis_url": redis_url, "s3_endpoint_url": s3_server.endpoint_url, "queue": QUEUE, **settings}
-        client = Client(Settings(**values))
-        clients.append(client)
-        return client
-
-    yield build
-    for client in clients:
-        client._celery.close()
-        client.store.redis.close()
 
 
 def nothing_enqueued(redis_client: redis.Redis) -> bool:
