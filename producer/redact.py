@@ -11,7 +11,7 @@ _SECRET_QUERY_WORDS = ("password", "secret", "token")
 
 
 def redact_url(url: str) -> str:
-    """Return `url` with its password, and any credential in its query, replaced by `***`. Never raises.
+    """Return `url` with its password, and any credential in its query, replaced by `***`. Raises nothing for any string.
 
     `redis://user:PASSWORD@host:6379/0` becomes `redis://user:***@host:6379/0`. A user name without a password
     is masked as well, because `redis://SECRET@host` is a common way to write a password alone. A password

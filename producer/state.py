@@ -311,7 +311,7 @@ class JobStore:
         """Add `amount` to the job's counter `field`, such as `redeliveries` or `retries:s3`.
 
         These counters describe what happened on the way and are not idempotent: a redelivered batch
-        counts its retries again. A job that Redis no longer holds is left absent.
+        counts its retries again. A job that is no longer in Redis is not recreated.
         """
         self._count_event(keys=[_job_key(job_id)], args=[field, amount])
 

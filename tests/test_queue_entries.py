@@ -231,7 +231,7 @@ def test_cli_worker_exits_nonzero_on_unrecoverable_error(tmp_path: Path, tiny_cl
             )
             try:
                 wait_for_text(log_path, "ready.", worker)
-                # BRPOP on a key that holds a string fails with WRONGTYPE, an error Celery does not recover from.
+                # BRPOP on a key that contains a string fails with WRONGTYPE, an error Celery does not recover from.
                 client = redis.Redis.from_url(server.url, socket_timeout=5.0)
                 client.set(queue, "not a list")
                 client.close()

@@ -173,8 +173,8 @@ class PixelBudget:
     """A limit on the pixels of the images that a worker process decodes at the same time.
 
     Decoding, converting and preprocessing an image takes memory in proportion to its pixels, whatever
-    the file size: a 35-byte GIF with a 9400 x 9400 screen took the process to 1.6 GB (about 20 bytes per
-    pixel at peak, most of it in the CLIP image processor). So a few small files with huge headers could
+    the file size. A 35-byte GIF with a 9400 x 9400 screen took the process to 1.6 GB, about 20 bytes per
+    pixel at peak, most of it in the CLIP image processor. So a few small files with huge headers could
     exhaust the worker's memory when its fetch threads decode them together. :meth:`reserve` blocks until the image's
     pixels fit. An image larger than the whole budget waits until no other image is being decoded, then
     runs alone. Thread-safe.

@@ -138,7 +138,7 @@ def _count_batch_retry(message: BatchMessage) -> None:
 
 
 def _count_redis_retries(message: BatchMessage, retries: int) -> None:
-    """Count the Redis commands this batch retried as `retries:redis`, once Redis answers again."""
+    """Count the Redis commands this batch retried as `retries:redis`, once Redis responds again."""
     if not retries:
         return
     from workers.runtime import get_runtime

@@ -289,7 +289,7 @@ def test_s3_missing_key_not_retried(proxy: S3FaultProxy, bucket: str, redis_url:
 
 @pytest.mark.timeout(30)
 def test_s3_stalled_get_bounded_by_attempts(proxy: S3FaultProxy, stored_key: str) -> None:
-    """A GET that never answers fails after 4 read timeouts of 0.5 s plus short backoff, not after minutes."""
+    """A GET that never returns a response fails after 4 read timeouts of 0.5 s plus short backoff, not after minutes."""
     proxy.add_rule("stall", method="GET", key_contains="faulty/", stall_s=5.0)
     storage = fast_retry_storage(proxy.endpoint_url, timeout_s=0.5)
     started = time.monotonic()
