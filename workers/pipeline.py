@@ -138,8 +138,8 @@ def _finish(
     durations["write"] = time.perf_counter() - started
     if completed:
         finalize_job(runtime.store, runtime.storage, message.job_id)
-    failed = sum(1 for row in rows if row["error"] is not None)
-    outcome = BatchOutcome(message.job_id, message.batch, attempt, status, len(rows) - failed, failed, durations)
+    succeeded, failed, _ = count_rows(rows)
+    outcome = BatchOutcome(message.job_id, message.batch, attempt, status, succeeded, failed, durations)
     logger.info(
         "Job %s batch %d attempt %d finished: %d ok, %d failed, counted=%s, %s",
         message.job_id, message.batch, attempt, outcome.succeeded, failed, counted,
