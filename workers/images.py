@@ -8,6 +8,12 @@ Contract of :func:`decode_image`:
   applied), and contains the first frame of animated or multi-page files.
 - An image whose long side is more than :data:`MAX_ASPECT_RATIO` times its short side is cropped
   to its centred ``MAX_ASPECT_RATIO:1`` region (see :func:`crop_to_aspect_ratio`).
+- With ``draft_size``, a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+  scaling) at which both its sides stay at least ``draft_size`` pixels, so its pixels differ
+  slightly from a full decode. The pixel limit still applies to the size in the header, and the
+  orientation and the aspect-ratio crop are applied to the reduced image, whose ``info`` then
+  contains :data:`FULL_SIZE_INFO_KEY` and :data:`DRAFT_BOX_INFO_KEY`. Other formats ignore
+  ``draft_size``.
 - Every per-image failure raises :class:`ImageError`, whose ``code`` is a key of
   ``producer.constants.ERROR_CODES``. Pillow exceptions never escape. ``MemoryError`` does,
   because it signals a worker short of memory rather than a bad image.
@@ -21,11 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import threading
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from producer.constants import ERROR_CODES
 
@@ -39,6 +46,16 @@ MAX_PIXELS_SETTING = "CLIPFLEET_MAX_IMAGE_PIXELS"
 # Cropping the long side to 4 times the short side before the processor bounds that cost, and the
 # square that the processor keeps lies inside the cropped region.
 MAX_ASPECT_RATIO = 4
+
+# image.info keys of a JPEG that decode_image reduced with draft. FULL_SIZE_INFO_KEY is the
+# (width, height) that a full decode would have returned, and DRAFT_BOX_INFO_KEY the float
+# (left, top, right, bottom) region of the reduced image that covers the same pixels. Resizing
+# that region to a size computed from the full size samples the same places as resizing the full
+# decode (workers.preprocess.ImagePreprocessor.resize_and_crop does so).
+FULL_SIZE_INFO_KEY = "clipfleet_full_size"
+DRAFT_BOX_INFO_KEY = "clipfleet_draft_box"
+# EXIF orientations that swap width and height (transpose, transverse and the 90 degree rotations).
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 _WHITE = (255, 255, 255, 255)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -88,7 +105,7 @@ class ImageError(Exception):
         return f"{self.code}: {self.message}"
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
     """Decode ``data`` into a fully loaded, upright ``"RGB"`` image.
 
     ``max_pixels`` caps ``width * height`` and is checked from the header before pixels are
@@ -98,16 +115,26 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     whatever ``max_pixels`` is. Its warning, issued above the global itself, is reported the
     same way where warning filters turn it into an exception, and is only emitted otherwise.
 
+    ``draft_size``, when given, lets a JPEG decode at 1/2, 1/4 or 1/8 scale, the smallest at which
+    both sides stay at least ``draft_size`` pixels, through Pillow's ``draft``. A JPEG whose short
+    side is under ``2 * draft_size`` decodes at full size. Callers pass the smallest side that
+    their later resize needs (see ``workers.preprocess.ImagePreprocessor.draft_size``).
+
     Raises:
         ImageError: ``decode_error`` for empty, truncated, corrupt or unrecognised data,
             ``unsupported_format`` for a recognised format outside :data:`ALLOWED_FORMATS`
             (SVG/XML, PDF, PostScript/EPS, HEIC/HEIF, AVIF, PSD, FITS), and
             ``too_many_pixels`` when the image is larger than ``max_pixels``.
-        ValueError: ``max_pixels`` is not a positive integer.
+        ValueError: ``max_pixels`` is not a positive integer, or ``draft_size`` is neither
+            ``None`` nor a positive integer.
         MemoryError: the worker ran out of memory.
     """
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if draft_size is not None and (
+        isinstance(draft_size, bool) or not isinstance(draft_size, int) or draft_size < 1
+    ):
+        raise ValueError(f"draft_size must be None or a positive integer, got {draft_size!r}")
     if not data:
         raise ImageError("decode_error", "the image data is empty (0 bytes)")
 
@@ -123,7 +150,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         )
 
     try:
-        return _decode_first_frame(data, max_pixels)
+        return _decode_first_frame(data, max_pixels, draft_size)
     except (ImageError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -236,14 +263,109 @@ def _detect_heif_family(data: bytes) -> str | None:
     return None
 
 
-def _decode_first_frame(data: bytes, max_pixels: int) -> Image.Image:
+def _decode_first_frame(data: bytes, max_pixels: int, draft_size: int | None) -> Image.Image:
     with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
         _check_pixel_count(image.size, max_pixels)
+        header_size = image.size
+        draft_box = _request_jpeg_draft(image, draft_size) if draft_size is not None else None
         # A freshly opened file is at its first frame (or first TIFF page), and load()
         # decodes only that frame.
         image.load()
+        if draft_box is not None and image.size != header_size:
+            return _upright_drafted(image, header_size, draft_box)
         upright = ImageOps.exif_transpose(image)
         return to_rgb(crop_to_aspect_ratio(upright, MAX_ASPECT_RATIO))
+
+
+def _request_jpeg_draft(image: Image.Image, draft_size: int) -> tuple[float, float, float, float] | None:
+    """Request draft decoding and return the region of the reduced image that covers the stored image."""
+    # Pillow 13's JpegImageFile.draft decodes at scale 1/s, with s the largest of 8, 4, 2 and 1 that
+    # is at most min(width // draft_size, height // draft_size), so both sides stay >= draft_size.
+    # The reduced size is rounded up, so its last row and column cover less than s pixels, and
+    # the returned box (0, 0, width / s, height / s) is the part that covers the stored image.
+    # Mode None keeps the decoder's colour mode, because draft changes it only when asked for "L"
+    # or "YCbCr". So greyscale, CMYK and YCCK files go through the same colour conversion as
+    # without draft (greyscale and CMYK are tested). MPO files (format "MPO") are JPEGs too.
+    if image.format not in ("JPEG", "MPO"):
+        return None
+    requested = image.draft(None, (draft_size, draft_size))
+    return None if requested is None else requested[1]
+
+
+def _upright_drafted(
+    image: Image.Image, header_size: tuple[int, int], draft_box: tuple[float, float, float, float]
+) -> Image.Image:
+    """Orient and crop an image that draft reduced, and record where the full decode's pixels lie in it.
+
+    The aspect-ratio crop is computed on the full size, as without draft, and widened to whole
+    pixels of the reduced image, so the recorded box lies inside the result.
+    """
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    full_width, full_height = header_size
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        full_width, full_height = full_height, full_width
+    region = _oriented_box(draft_box, image.size, orientation)
+    upright = ImageOps.exif_transpose(image)
+
+    kept_region = aspect_ratio_box((full_width, full_height), MAX_ASPECT_RATIO)
+    x_scale = (region[2] - region[0]) / full_width
+    y_scale = (region[3] - region[1]) / full_height
+    kept_box = (
+        region[0] + kept_region[0] * x_scale,
+        region[1] + kept_region[1] * y_scale,
+        region[0] + kept_region[2] * x_scale,
+        region[1] + kept_region[3] * y_scale,
+    )
+    crop = (
+        max(math.floor(kept_box[0]), 0),
+        max(math.floor(kept_box[1]), 0),
+        min(math.ceil(kept_box[2]), upright.width),
+        min(math.ceil(kept_box[3]), upright.height),
+    )
+    if crop != (0, 0, *upright.size):
+        upright = upright.crop(crop)
+
+    result = to_rgb(upright)
+    result.info[FULL_SIZE_INFO_KEY] = (kept_region[2] - kept_region[0], kept_region[3] - kept_region[1])
+    result.info[DRAFT_BOX_INFO_KEY] = (
+        max(kept_box[0] - crop[0], 0.0),
+        max(kept_box[1] - crop[1], 0.0),
+        min(kept_box[2] - crop[0], float(result.width)),
+        min(kept_box[3] - crop[1], float(result.height)),
+    )
+    return result
+
+
+def _oriented_box(
+    box: tuple[float, float, float, float], size: tuple[int, int], orientation: int
+) -> tuple[float, float, float, float]:
+    """Return ``box`` of an image of ``size`` after ImageOps.exif_transpose applies ``orientation``."""
+    left, top, right, bottom = box
+    width, height = size
+    boxes = {
+        2: (width - right, top, width - left, bottom),  # mirror left to right
+        3: (width - right, height - bottom, width - left, height - top),  # rotate 180 degrees
+        4: (left, height - bottom, right, height - top),  # mirror top to bottom
+        5: (top, left, bottom, right),  # transpose
+        6: (height - bottom, left, height - top, right),  # rotate 90 degrees clockwise
+        7: (height - bottom, width - right, height - top, width - left),  # transverse
+        8: (top, width - right, bottom, width - left),  # rotate 90 degrees anticlockwise
+    }
+    return boxes.get(orientation, box)
+
+
+def aspect_ratio_box(size: tuple[int, int], max_ratio: int) -> tuple[int, int, int, int]:
+    """Return the ``(left, top, right, bottom)`` region that :func:`crop_to_aspect_ratio` keeps of an image of ``size``."""
+    width, height = size
+    if width > height * max_ratio:
+        kept_width = height * max_ratio
+        left = (width - kept_width) // 2
+        return left, 0, left + kept_width, height
+    if height > width * max_ratio:
+        kept_height = width * max_ratio
+        top = (height - kept_height) // 2
+        return 0, top, width, top + kept_height
+    return 0, 0, width, height
 
 
 def crop_to_aspect_ratio(image: Image.Image, max_ratio: int) -> Image.Image:
@@ -252,16 +374,10 @@ def crop_to_aspect_ratio(image: Image.Image, max_ratio: int) -> Image.Image:
     An image within the ratio is returned unchanged (the same object). When the excess is odd, the
     extra pixel is cut from the right or bottom edge. ``image.info`` (such as a transparency key) is kept.
     """
-    width, height = image.size
-    if width > height * max_ratio:
-        kept_width = height * max_ratio
-        left = (width - kept_width) // 2
-        return image.crop((left, 0, left + kept_width, height))
-    if height > width * max_ratio:
-        kept_height = width * max_ratio
-        top = (height - kept_height) // 2
-        return image.crop((0, top, width, top + kept_height))
-    return image
+    box = aspect_ratio_box(image.size, max_ratio)
+    if box == (0, 0, *image.size):
+        return image
+    return image.crop(box)
 
 
 def _check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:

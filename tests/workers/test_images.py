@@ -582,3 +582,134 @@ def test_concurrent_decodes_match_serial():
     with ThreadPoolExecutor(max_workers=4) as pool:
         concurrent = [np.asarray(image) for image in pool.map(decode, payloads)]
     assert all(np.array_equal(a, b) for a, b in zip(serial, concurrent))
+
+
+# --- JPEG draft decoding -----------------------------------------------------------------------
+
+DRAFT_SIZE = 224
+
+
+def decode_draft(data: bytes, draft_size: int = DRAFT_SIZE, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    return decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
+
+
+def jpeg(size: tuple[int, int], mode: str = "RGB", **options) -> bytes:
+    image = Image.new(mode, size, {"RGB": (200, 40, 90), "L": 77, "CMYK": (0, 255, 255, 0)}[mode])
+    return encode(image, "JPEG", quality=95, **options)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((1000, 800), (500, 400)),
+        ((2000, 1800), (250, 225)),
+        ((1000, 900), (250, 225)),
+        ((1001, 503), (501, 252)),
+        ((448, 448), (224, 224)),
+        ((1000, 447), (1000, 447)),
+        ((100, 80), (100, 80)),
+    ],
+    ids=["half", "eighth", "quarter", "rounded-up", "at-twice-draft-size", "short-side-below-twice", "small"],
+)
+def test_draft_decoded_size(size, expected):
+    assert decode_draft(jpeg(size)).size == expected
+
+
+def test_draft_records_full_size():
+    assert decode_draft(jpeg((1000, 800))).info["clipfleet_full_size"] == (1000, 800)
+
+
+def test_draft_records_box():
+    assert decode_draft(jpeg((1000, 800))).info["clipfleet_draft_box"] == (0.0, 0.0, 500.0, 400.0)
+
+
+def test_draft_not_reduced_same_pixels():
+    data = encode(noise_image((1000, 447)), "JPEG", quality=90)
+    assert np.array_equal(np.asarray(decode_draft(data)), np.asarray(decode(data)))
+
+
+def test_draft_not_reduced_no_info_keys():
+    assert "clipfleet_full_size" not in decode_draft(jpeg((1000, 447))).info
+
+
+def test_no_draft_without_draft_size():
+    decoded = decode(jpeg((1000, 800)))
+    assert decoded.size == (1000, 800)
+    assert "clipfleet_full_size" not in decoded.info
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "WEBP", "BMP", "TIFF"])
+def test_draft_ignored_for_other_formats(image_format):
+    assert decode_draft(encode(Image.new("RGB", (1000, 800), RED), image_format)).size == (1000, 800)
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected", "tolerance"),
+    [("RGB", (200, 40, 90), 3), ("L", (77, 77, 77), 1), ("CMYK", RED, 8)],
+    ids=["RGB", "greyscale", "CMYK"],
+)
+def test_draft_colour_modes(mode, expected, tolerance):
+    decoded = decode_draft(jpeg((1000, 800), mode))
+    difference = np.abs(np.array(pixel(decoded, (250, 200))) - np.array(expected)).max()
+    assert decoded.mode == "RGB"
+    assert decoded.size == (500, 400)
+    assert difference <= tolerance, f"decoded pixel {pixel(decoded, (250, 200))}, expected {expected} ±{tolerance}"
+
+
+def test_draft_progressive_jpeg():
+    assert decode_draft(jpeg((1000, 800), progressive=True)).size == (500, 400)
+
+
+def test_draft_mpo():
+    data = encode(Image.new("RGB", (1000, 800), RED), "MPO", save_all=True,
+                  append_images=[Image.new("RGB", (1000, 800), BLUE)])
+    decoded = decode_draft(data)
+    difference = np.abs(np.array(pixel(decoded, (10, 10))) - np.array(RED)).max()
+    assert decoded.size == (500, 400)
+    assert difference <= 3, f"decoded pixel {pixel(decoded, (10, 10))}, expected the first frame's red"
+
+
+def test_draft_exif_rotation():
+    # Stored 1000x500 with a red top-left corner and orientation 6 (90 degrees clockwise): upright
+    # 500x1000, reduced to 250x500, with the red corner at the top right.
+    image = Image.new("RGB", (1000, 500), BLUE)
+    image.paste(RED, (0, 0, 200, 200))
+    decoded = decode_draft(encode(image, "JPEG", quality=95, exif=exif_with_orientation(6)))
+    assert decoded.size == (250, 500)
+    assert red_corners(decoded) == ["top-right"]
+
+
+def test_draft_exif_rotation_full_size():
+    decoded = decode_draft(encode(Image.new("RGB", (1000, 500), BLUE), "JPEG", exif=exif_with_orientation(6)))
+    assert decoded.info["clipfleet_full_size"] == (500, 1000)
+
+
+def test_draft_aspect_ratio_crop():
+    # A full decode keeps columns 299..2103 of 2403x451. Reduced by 2 to 1202x226, those are
+    # 149.5..1051.5, so the crop keeps columns 149..1052.
+    decoded = decode_draft(jpeg((2403, 451)))
+    assert decoded.size == (903, 226)
+    assert decoded.info["clipfleet_full_size"] == (1804, 451)
+
+
+def test_draft_aspect_ratio_crop_box():
+    assert decode_draft(jpeg((2403, 451))).info["clipfleet_draft_box"] == (0.5, 0.0, 902.5, 225.5)
+
+
+def test_draft_pixel_limit_uses_header_size():
+    # 1000x800 decodes to 500x400 = 200,000 pixels, but the limit applies to the stored 800,000.
+    with pytest.raises(ImageError) as raised:
+        decode_draft(jpeg((1000, 800)), max_pixels=200_000)
+    assert raised.value.code == "too_many_pixels"
+
+
+@pytest.mark.parametrize("draft_size", [0, -1, True, 2.5, "224"])
+def test_invalid_draft_size(draft_size):
+    with pytest.raises(ValueError, match="draft_size"):
+        decode_draft(jpeg((100, 80)), draft_size=draft_size)
+
+
+def test_draft_truncated_jpeg_is_decode_error():
+    with pytest.raises(ImageError) as raised:
+        decode_draft(encode(noise_image((1000, 800)), "JPEG")[:5000])
+    assert raised.value.code == "decode_error"
