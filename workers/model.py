@@ -13,6 +13,8 @@ logger = logging.getLogger(__name__)
 
 # Files a CLIP checkpoint needs for classification; other files in a hub repository are not downloaded.
 CHECKPOINT_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
+# x86 CPU flags of native bfloat16 matrix instructions, which oneDNN uses for bfloat16 autocast.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 class ModelLoadError(RuntimeError):
@@ -37,6 +39,10 @@ class LoadedModel:
     dtype: Any
     load_s: float
     fingerprint: str
+    # Resizing and normalisation equal to `processor`'s, in two steps: uint8 resize and crop in the fetch
+    # threads, normalisation of the stacked batch in the model thread. None when the processor's
+    # configuration is one that ImagePreprocessor does not reproduce; `processor` then runs in the threads.
+    preprocessor: Any = None
 
     @property
     def logit_scale(self) -> float:
@@ -87,13 +93,34 @@ def choose_device(setting: str) -> Any:
     return torch.device(setting)
 
 
-def choose_dtype(setting: str, device: Any) -> Any:
-    """Return the image tower's compute dtype: float16 on CUDA and float32 on CPU for `auto`."""
+def choose_dtype(setting: str, device: Any, cpu_flags: frozenset[str] | None = None) -> Any:
+    """Return the image tower's compute dtype.
+
+    `auto` picks float16 on CUDA, bfloat16 on a CPU with bfloat16 instructions (AVX512-BF16 or AMX-BF16,
+    read from `cpu_flags`, by default /proc/cpuinfo), and float32 on other CPUs, where bfloat16 would be
+    emulated and slower than float32.
+    """
     import torch
 
-    if setting == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, setting)
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type == "cuda":
+        return torch.float16
+    flags = read_cpu_flags() if cpu_flags is None else cpu_flags
+    return torch.bfloat16 if flags & BF16_CPU_FLAGS else torch.float32
+
+
+def read_cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """Return the CPU feature flags listed in /proc/cpuinfo, or an empty set where that file is missing (not Linux)."""
+    try:
+        with open(cpuinfo_path, encoding="ascii", errors="replace") as file:
+            for line in file:
+                name, _, value = line.partition(":")
+                if name.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def load_model(name: str, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
@@ -118,11 +145,25 @@ def load_model(name: str, revision: str | None = None, device: str = "auto", dty
         raise ModelLoadError(f"model {name!r} at {path!r} could not be loaded: {e}") from e
     load_s = time.perf_counter() - started
     resolved_revision = revision or _snapshot_revision(path)
-    logger.info("Loaded model %s (revision %s) on %s in %.1f s", name, resolved_revision, torch_device, load_s)
+    compute_dtype = choose_dtype(dtype, torch_device)
+    logger.info(
+        "Loaded model %s (revision %s) on %s, image tower in %s, in %.1f s",
+        name, resolved_revision, torch_device, str(compute_dtype).removeprefix("torch."), load_s,
+    )
     return LoadedModel(
         name, resolved_revision, path, model, tokenizer, processor, torch_device,
-        choose_dtype(dtype, torch_device), load_s, checkpoint_fingerprint(path),
+        compute_dtype, load_s, checkpoint_fingerprint(path), _preprocessor_for(processor, name),
     )
+
+
+def _preprocessor_for(processor: Any, name: str) -> Any:
+    from workers.preprocess import ImagePreprocessor
+
+    try:
+        return ImagePreprocessor.from_processor(processor)
+    except ValueError as e:
+        logger.warning("Model %s: its image processor runs unchanged in the fetch threads, which is slower: %s", name, e)
+        return None
 
 
 def checkpoint_fingerprint(path: str) -> str:

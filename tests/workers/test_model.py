@@ -16,6 +16,7 @@ from workers.model import (
     choose_device,
     choose_dtype,
     load_model,
+    read_cpu_flags,
     resolve_checkpoint,
 )
 
@@ -101,8 +102,38 @@ def test_choose_device_cuda_without_gpu() -> None:
     assert "CLIPFLEET_DEVICE=cuda" in str(caught.value)
 
 
-def test_choose_dtype_auto_cpu() -> None:
-    assert choose_dtype("auto", torch.device("cpu")) == torch.float32
+def test_choose_dtype_auto_cpu_with_bf16() -> None:
+    flags = frozenset({"avx2", "avx512f", "avx512_bf16"})
+    assert choose_dtype("auto", torch.device("cpu"), flags) == torch.bfloat16
+
+
+def test_choose_dtype_auto_cpu_with_amx() -> None:
+    assert choose_dtype("auto", torch.device("cpu"), frozenset({"amx_bf16", "amx_tile"})) == torch.bfloat16
+
+
+def test_choose_dtype_auto_cpu_without_bf16() -> None:
+    # AVX-512 alone has no bfloat16 dot products, so oneDNN would emulate them.
+    assert choose_dtype("auto", torch.device("cpu"), frozenset({"avx2", "avx512f"})) == torch.float32
+
+
+def test_choose_dtype_float32_on_bf16_cpu() -> None:
+    assert choose_dtype("float32", torch.device("cpu"), frozenset({"avx512_bf16"})) == torch.float32
+
+
+def test_read_cpu_flags(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU\nflags\t\t: fpu sse2 avx512_bf16\n\nprocessor\t: 1\n")
+    assert read_cpu_flags(str(cpuinfo)) == frozenset({"fpu", "sse2", "avx512_bf16"})
+
+
+def test_read_cpu_flags_missing_file(tmp_path: Path) -> None:
+    assert read_cpu_flags(str(tmp_path / "absent")) == frozenset()
+
+
+def test_loaded_model_logs_dtype(tiny_clip_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="workers.model")
+    load_model(str(tiny_clip_dir), device="cpu", dtype="bfloat16")
+    assert "image tower in bfloat16" in caplog.text
 
 
 def test_choose_dtype_auto_cuda() -> None:
