@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(64, ge=1, le=4096, description="Images per task")
+    model_batch_size: int = Field(
+        32, ge=1, le=1024,
+        description="Images per forward pass of the image tower, independent of the images per task. "
+        "A task's images go through the model in chunks of this size while the next chunk is fetched and decoded",
+    )
+    jpeg_draft: bool = Field(
+        True,
+        description="Decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft mode) when the "
+        "smaller image still covers the model's input size. Faster, with pixels within the documented tolerance of "
+        "CLIPImageProcessor; false decodes at full size for bit-exact preprocessing",
+    )
     queue: str = DEFAULT_QUEUE
     allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Buckets jobs may read and write; empty allows all")
     local_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Local folders a worker may read images from and write results to; empty rejects local paths")

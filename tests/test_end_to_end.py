@@ -62,7 +62,9 @@ SPECIAL_KEYS = {
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path, aws_test_environment: None) -> Iterator[dict[str, Any]]:
     """A private Redis, moto's S3 server and one worker process, shared by this module's jobs."""
-    with worker_stack(tmp_path_factory.mktemp("worker-logs"), tiny_clip_dir) as running:
+    # Scores equal transformers' pipeline within 1e-4 only in float32 and with JPEGs decoded at full size.
+    exact = {"CLIPFLEET_DTYPE": "float32", "CLIPFLEET_JPEG_DRAFT": "false"}
+    with worker_stack(tmp_path_factory.mktemp("worker-logs"), tiny_clip_dir, exact) as running:
         yield running
 
 

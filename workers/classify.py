@@ -94,13 +94,26 @@ def label_embeddings(loaded: LoadedModel, prompts: dict[str, list[str]]) -> torc
 
 
 @torch.inference_mode()
-def encode_images(loaded: LoadedModel, pixels: np.ndarray) -> torch.Tensor:
-    """Return L2-normalised float32 image embeddings, `[batch, dim]`, for preprocessed `pixels` `[batch, 3, H, W]`."""
-    tensor = torch.from_numpy(pixels).to(loaded.device)
+def forward_image_tower(loaded: LoadedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Return the image features, `[batch, dim]` float32 on the model's device, of normalised float32
+    `pixel_values` `[batch, 3, H, W]` on that device, computed in the loaded dtype (autocast below float32)."""
     autocast = loaded.dtype != torch.float32
     with torch.autocast(loaded.device.type, dtype=loaded.dtype, enabled=autocast):
-        features = _pooled(loaded.model.get_image_features(pixel_values=tensor))
-    return _normalise(features.float()).cpu()
+        features = _pooled(loaded.model.get_image_features(pixel_values=pixel_values))
+    return features.float()
+
+
+@torch.inference_mode()
+def encode_images(loaded: LoadedModel, pixels: np.ndarray) -> torch.Tensor:
+    """Return L2-normalised float32 image embeddings, `[batch, dim]`, on the CPU.
+
+    `pixels` `[batch, 3, H, W]` is either uint8, resized and cropped by `loaded.preprocessor` and normalised
+    here, or float32 that the image processor has already normalised.
+    """
+    tensor = torch.from_numpy(pixels).to(loaded.device)
+    if tensor.dtype == torch.uint8:
+        tensor = loaded.preprocessor.normalize(tensor)
+    return _normalise(forward_image_tower(loaded, tensor)).cpu()
 
 
 def score(image_embeddings: torch.Tensor, label_embeddings_: torch.Tensor, logit_scale: float) -> torch.Tensor:

@@ -1,17 +1,24 @@
 """Processing of one batch: fetch, decode and preprocess in threads, encode and score, write the shard, count.
 
-The fetch threads run ahead of the model: while the image tower encodes one micro-batch, the pool keeps
-fetching and decoding the rest of the batch. Memory is bounded by the batch size.
+The fetch threads run ahead of the model: while the image tower encodes one micro-batch
+(CLIPFLEET_MODEL_BATCH_SIZE images), the pool fetches, decodes and preprocesses the next ones, at most
+`prefetch_window` images ahead, so memory does not grow with the images per task.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import logging
+import threading
 import time
-from concurrent.futures import Future
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
@@ -20,7 +27,14 @@ from pydantic import ValidationError
 from producer.constants import FINAL_STATES, REDELIVERIES_FIELD, STATE_SUCCEEDED
 from producer.errors import JobNotFound, StorageError
 from producer.messages import BatchMessage
-from producer.results import count_rows, finalize_job, read_shard, replace_rows, write_shard
+from producer.results import (
+    count_rows,
+    finalize_job,
+    read_shard,
+    replace_rows,
+    write_shard,
+)
+from producer.settings import Settings
 from producer.spec import JobSpec
 from workers.classify import encode_images, score, top_k_rows
 from workers.fetch import fetch_bytes
@@ -31,7 +45,8 @@ from workers.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
 
-MODEL_BATCH_SIZE = 32
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -190,25 +205,63 @@ def _merge_and_record(
 def classify_uris(
     runtime: WorkerRuntime, spec: JobSpec, loaded: LoadedModel, uris: list[str], *, job_id: str | None = None, batch: int | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Return one result row per URI, in order, and the seconds spent waiting for images and in the model."""
+    """Return one result row per URI, in order, and the seconds spent per stage.
+
+    The fetch threads work at most `prefetch_window` images ahead of the model, so memory does not grow
+    with the number of images per task. `fetch`, `decode` and `preprocess` are summed over the fetch
+    threads; `wait_images` and `model` are seconds of this thread.
+    """
     label_embeddings = runtime.prompts.get(spec, loaded)  # [labels, dim]
     root = allowed_local_root(spec, runtime.settings)
-    futures = [runtime.pool.submit(load_pixels, runtime, loaded, uri, root, job_id, batch) for uri in uris]
+    model_batch_size = runtime.settings.model_batch_size
+    stages = StageTimes()
+    load = functools.partial(load_pixels, runtime, loaded, root=root, job_id=job_id, batch=batch, stages=stages)
+    futures = prefetch_in_order(runtime.pool, load, uris, prefetch_window(runtime.settings))
     rows: list[dict[str, Any] | None] = [None] * len(uris)
     pending: list[tuple[int, np.ndarray]] = []
-    durations = {"wait_images": 0.0, "model": 0.0}
     for index, future in enumerate(futures):
-        started = time.perf_counter()
-        pixels = _result_or_error(future, uris[index], rows, index)
-        durations["wait_images"] += time.perf_counter() - started
+        with stages.timed("wait_images"):
+            pixels = _result_or_error(future, uris[index], rows, index)
         if pixels is not None:
             pending.append((index, pixels))
-        if pending and (len(pending) == MODEL_BATCH_SIZE or index == len(futures) - 1):
-            started = time.perf_counter()
-            _score_pending(loaded, spec, label_embeddings, pending, uris, rows)
-            durations["model"] += time.perf_counter() - started
+        if pending and (len(pending) == model_batch_size or index == len(uris) - 1):
+            with stages.timed("model"):
+                _score_pending(loaded, spec, label_embeddings, pending, uris, rows)
             pending = []
-    return [row for row in rows if row is not None], durations
+    return [row for row in rows if row is not None], stages.seconds
+
+
+def prefetch_in_order(pool: Executor, function: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[Future[R]]:
+    """Yield one future of `function(item)` per item, in order, keeping at most `window` items submitted to
+    `pool` and not yet taken by the caller. The next item is submitted when the caller asks for the next future."""
+    remaining = iter(items)
+    futures = deque(pool.submit(function, item) for item in itertools.islice(remaining, window))
+    while futures:
+        yield futures.popleft()
+        futures.extend(pool.submit(function, item) for item in itertools.islice(remaining, 1))
+
+
+def prefetch_window(settings: Settings) -> int:
+    """Return how many images a task keeps in flight in the fetch threads: two model batches, and at least one per thread."""
+    return max(2 * settings.model_batch_size, settings.fetch_threads)
+
+
+class StageTimes:
+    """Seconds spent per processing stage, summed over threads. Thread-safe."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"fetch": 0.0, "decode": 0.0, "preprocess": 0.0, "wait_images": 0.0, "model": 0.0}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed
 
 
 def _result_or_error(future: "Future[np.ndarray]", uri: str, rows: list[Any], index: int) -> np.ndarray | None:
@@ -242,15 +295,33 @@ def _score_pending(
 
 
 def load_pixels(
-    runtime: WorkerRuntime, loaded: LoadedModel, uri: str, root: Path | None, job_id: str | None = None, batch: int | None = None
+    runtime: WorkerRuntime,
+    loaded: LoadedModel,
+    uri: str,
+    root: Path | None = None,
+    job_id: str | None = None,
+    batch: int | None = None,
+    stages: StageTimes | None = None,
 ) -> np.ndarray:
-    """Fetch, decode and preprocess one image into `[3, H, W]` float32. Runs in a fetch thread."""
+    """Fetch, decode and preprocess one image. Runs in a fetch thread.
+
+    Returns uint8 `[3, H, W]` resized and cropped by `loaded.preprocessor`, or, for a model whose processor
+    it cannot reproduce, float32 pixels normalised by the processor itself.
+    """
     settings = runtime.settings
-    data = fetch_bytes(runtime.storage, uri, settings.max_image_bytes, settings.allowed_buckets, root, job_id=job_id, batch=batch)
+    stages = stages or StageTimes()
+    preprocessor = loaded.preprocessor
+    with stages.timed("fetch"):
+        data = fetch_bytes(runtime.storage, uri, settings.max_image_bytes, settings.allowed_buckets, root, job_id=job_id, batch=batch)
+    draft_size = preprocessor.draft_size if preprocessor is not None and settings.jpeg_draft else None
     # The image's pixels stay reserved until preprocessing has scaled it down to the model's input size.
     with runtime.decode_budget.reserve(image_pixels(data)):
-        image = decode_image(data, max_pixels=settings.max_image_pixels)
-        return loaded.processor(images=image, return_tensors="np")["pixel_values"][0]
+        with stages.timed("decode"):
+            image = decode_image(data, max_pixels=settings.max_image_pixels, draft_size=draft_size)
+        with stages.timed("preprocess"):
+            if preprocessor is None:
+                return loaded.processor(images=image, return_tensors="np")["pixel_values"][0]
+            return preprocessor.resize_and_crop(image)
 
 
 def _error_row(uri: str, code: str, message: str) -> dict[str, Any]:

@@ -67,12 +67,14 @@ def _wait_until_ready(worker: ManagedProcess) -> None:
 
 
 @contextlib.contextmanager
-def worker_stack(log_dir: Path, model_dir: Path) -> Iterator[dict[str, Any]]:
-    """Run a private Redis, moto's S3 server and one worker process; yield their `redis_url`, `s3` and `worker`."""
+def worker_stack(log_dir: Path, model_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """Run a private Redis, moto's S3 server and one worker process; yield their `redis_url`, `s3` and `worker`.
+
+    `extra_env` adds environment variables, such as CLIPFLEET_* settings, to the worker's."""
     from tests.support.servers import RedisServer, S3Server
 
     with RedisServer() as server, S3Server() as s3:
-        worker = start_worker(log_dir, server.url, model_dir, s3.endpoint_url)
+        worker = start_worker(log_dir, server.url, model_dir, s3.endpoint_url, extra_env)
         try:
             yield {"redis_url": server.url, "s3": s3, "worker": worker}
         finally:
