@@ -19,6 +19,7 @@ from producer.spec import JobSpec
 from producer.state import JobStore
 from producer.storage import Storage
 from workers.images import PixelBudget
+from workers.memory import tune_malloc
 from workers.model import LoadedModel, load_model
 from workers.prompts import PromptCache
 
@@ -35,6 +36,7 @@ class WorkerRuntime:
         if not settings.redis_url:
             raise RuntimeError("CLIPFLEET_REDIS_URL is not set: workers need the Redis that producers enqueue into")
         self.settings = settings
+        tune_malloc()
         # Pillow's own decompression-bomb check follows the same limit as decode_image's.
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         self.store = JobStore.from_url(settings.redis_url)
