@@ -2,12 +2,12 @@
 
 glibc's malloc serves a large request (above M_MMAP_THRESHOLD) with its own mmap and unmaps it on free,
 and it returns free memory at the top of the heap to the system (above M_TRIM_THRESHOLD). The threshold
-adapts to the sizes freed, but in a process with several threads the image tower's activations (a few MB
-each at 32 images per forward pass) kept being mapped, faulted in page by page and unmapped on every
-pass. In a worker with 16 fetch threads that cost the bfloat16 ViT-B/32 forward pass 36% of its speed
-(29 instead of 46 ms of CPU per image end to end, measured with benchmarks/throughput.py on the 2-core
-machine of docs/benchmarks.md). Fixed thresholds keep those buffers in the heap for reuse. Requests
-above 32 MiB, such as a decoded 4000 x 3000 photograph, are still mapped and returned when freed.
+adapts to the sizes freed. But in a worker with 16 fetch threads, the image tower's activations (a few
+MB each at 32 images per forward pass) kept being mapped, faulted in page by page and unmapped on every
+pass. The worker then used 39 to 46 ms of CPU per image for the bfloat16 ViT-B/32 end to end instead of
+29 (benchmarks/throughput.py on the 2-core machine of docs/benchmarks.md). Fixed thresholds keep those
+buffers in the heap for reuse. Requests above 32 MiB, such as a decoded 4000 x 3000 photograph, are
+still mapped and returned when freed.
 """
 
 from __future__ import annotations
