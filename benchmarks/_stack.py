@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from producer.embedded import free_port
+from tests.support.servers import AWS_TEST_ENVIRONMENT, AWS_VARIABLES_TO_CLEAR
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +48,6 @@ sys.stdin.read()
 server.stop()
 """
 
-AWS_TEST_ENVIRONMENT = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-AWS_VARIABLES_TO_CLEAR = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL")
 
 
 def use_test_credentials() -> None:

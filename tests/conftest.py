@@ -19,17 +19,13 @@ from botocore.client import BaseClient
 from producer.client import Client
 from producer.settings import Settings
 from tests.support.checkpoints import build_tiny_clip
-from tests.support.servers import RedisServer, S3Server
+from tests.support.servers import (
+    AWS_TEST_ENVIRONMENT,
+    AWS_VARIABLES_TO_CLEAR,
+    RedisServer,
+    S3Server,
+)
 
-# moto accepts any credentials. Disabling the EC2 metadata lookup keeps botocore from probing
-# the instance metadata address when a credential is missing.
-AWS_TEST_ENVIRONMENT = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-AWS_VARIABLES_TO_CLEAR = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL")
 LOOPBACK_NO_PROXY = "127.0.0.1,localhost"
 # The Celery queue of the clients that `make_client` builds; `redis_url` empties it before each test.
 TEST_QUEUE = "clipfleet-test"

@@ -28,6 +28,16 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK_HOST = "127.0.0.1"
 
+# moto accepts any credentials. Disabling the EC2 metadata lookup keeps botocore from probing
+# the instance metadata address when a credential is missing.
+AWS_TEST_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+AWS_VARIABLES_TO_CLEAR = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL")
+
 
 class RedisServer:
     """A redis-server child process on 127.0.0.1 with persistence off.
