@@ -54,28 +54,57 @@ GOAL_B_OVER_A = 0.85
 GOALS_B_OVER_C = {10: 2.0, 1000: 100.0}
 
 
+def positive_int(text: str) -> int:
+    """Parse a positive integer argument; argparse reports the ValueError with the option's name."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """Parse a comma-separated list of positive integers, such as 10,1000."""
+    return [positive_int(part) for part in text.split(",")]
+
+
+# argparse names the expected type in its error message after "invalid ... value".
+positive_int.__name__ = "positive integer"
+positive_float.__name__ = "positive number"
+positive_int_list.__name__ = "comma-separated list of positive integers"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny test checkpoint, 8 images, labels 10,50, short timings")
-    parser.add_argument("--images", type=int, default=None, help="number of generated JPEGs (default 512, 8 with --quick)")
-    parser.add_argument("--labels", default=None, help="comma-separated label counts (default 10,1000; 10,50 with --quick)")
+    parser = argparse.ArgumentParser(
+        description="Side-by-side throughput of (a) the bare image tower, (b) clipfleet end to end on a real worker, "
+        "and (c) transformers' zero-shot pipeline, on the same generated JPEGs. See docs/benchmarks.md.",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny test checkpoint, 8 images, labels 10,50, short timings; checks that the script works, its speed figures mean nothing")
+    parser.add_argument("--images", type=positive_int, default=None, help="number of generated JPEGs (default 512, 8 with --quick)")
+    parser.add_argument("--labels", type=positive_int_list, default=None, help="comma-separated label counts (default 10,1000; 10,50 with --quick)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="CLIPFLEET_DEVICE of the worker, (a) and (c)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="CLIPFLEET_DTYPE of the worker and of measurement (a)")
-    parser.add_argument("--batch-sizes", default=None, help="comma-separated model batch sizes for (a); default: the worker's model batch size")
-    parser.add_argument("--task-batch-size", type=int, default=None, help="images per task of the jobs (default: the product default, 64)")
+    parser.add_argument("--batch-sizes", type=positive_int_list, default=None, help="comma-separated model batch sizes for (a); default: the worker's model batch size")
+    parser.add_argument("--task-batch-size", type=positive_int, default=None, help="images per task of the jobs (default: the product default, 64)")
     parser.add_argument("--skip-pipeline", action="store_true", help="skip measurement (c), transformers' pipeline")
-    parser.add_argument("--pipeline-seconds", type=float, default=None, help="time budget of the pipeline's main timing per label set, in seconds (default 60, 5 with --quick)")
-    parser.add_argument("--pipeline-images-1000", type=int, default=None, help=f"images for the pipeline when a job has more than {PIPELINE_MANY_LABELS} labels (default 8, 2 with --quick)")
-    parser.add_argument("--seconds", type=float, default=None, help="minimum timed seconds per forward-rate measurement (default 5, 1 with --quick)")
+    parser.add_argument("--pipeline-seconds", type=positive_float, default=None, help="time budget of the pipeline's main timing per label set, in seconds (default 60, 5 with --quick)")
+    parser.add_argument("--pipeline-images-1000", type=positive_int, default=None, help=f"images for the pipeline when a job has more than {PIPELINE_MANY_LABELS} labels (default 8, 2 with --quick)")
+    parser.add_argument("--seconds", type=positive_float, default=None, help="minimum timed seconds per forward-rate measurement (default 5, 1 with --quick)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result JSON to this file")
     args = parser.parse_args(argv)
-    args.images = args.images or (8 if args.quick else 512)
-    args.labels = [int(part) for part in (args.labels or ("10,50" if args.quick else "10,1000")).split(",")]
-    args.pipeline_seconds = args.pipeline_seconds or (5.0 if args.quick else 60.0)
-    args.pipeline_images_1000 = args.pipeline_images_1000 or (2 if args.quick else 8)
-    args.seconds = args.seconds or (1.0 if args.quick else 5.0)
-    if args.images < 1 or min(args.labels) < 1:
-        parser.error(f"--images and --labels must be positive, got {args.images} and {args.labels}")
+    defaults = {
+        "images": (8, 512), "labels": ([10, 50], [10, 1000]), "pipeline_seconds": (5.0, 60.0),
+        "pipeline_images_1000": (2, 8), "seconds": (1.0, 5.0),
+    }
+    for name, (quick_value, full_value) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick_value if args.quick else full_value)
     return args
 
 
@@ -152,7 +181,7 @@ def _build_checkpoint(args: argparse.Namespace, directory: Path) -> Path:
     else:
         _model.build_vit_b32(directory)
     size_mb = sum(file.stat().st_size for file in directory.iterdir()) / 2**20
-    print(f"  checkpoint: {directory.name}, {size_mb:.0f} MiB, built in {time.perf_counter() - started:.1f} s")
+    print(f"  checkpoint: {'tiny test CLIP' if args.quick else 'ViT-B/32 size, random weights'}, {size_mb:.0f} MiB, built in {time.perf_counter() - started:.1f} s")
     return directory
 
 
@@ -198,7 +227,7 @@ def measure_forward_rates(args: argparse.Namespace, fp32: Any, worker: Any, pixe
     worker_dtype = str(worker.dtype).removeprefix("torch.")
     batch_size = model_batch_size()
     _section(f"(a) bare image tower, images/s (torch threads {torch.get_num_threads()}, median of >= {args.seconds:g} s each)")
-    sizes = [int(part) for part in args.batch_sizes.split(",")] if args.batch_sizes else [batch_size]
+    sizes = args.batch_sizes or [batch_size]
     sweep: dict[str, dict[str, float]] = {}
     for size in sorted(set(sizes) | {batch_size}):
         sweep[str(size)] = {"float32": _model.images_per_second(fp32, pixels, size, args.seconds)}
@@ -398,16 +427,18 @@ def report_ratios(result: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str
     for count in result["labels"]:
         b = result["b"][str(count)]["images_per_s"]
         ratios["b_over_a"][str(count)] = b / result["b"][str(count)]["a_bracket"]
-        goals.append(_goal(f"b/a, {count} labels", ratios["b_over_a"][str(count)], GOAL_B_OVER_A))
+        goals.append(_goal(f"b/a, {count} labels", ratios["b_over_a"][str(count)], GOAL_B_OVER_A, result["quick"]))
         if "c" in result:
             ratios["b_over_c"][str(count)] = b / result["c"][str(count)]["images_per_s"]
-            goals.append(_goal(f"b/c, {count} labels", ratios["b_over_c"][str(count)], GOALS_B_OVER_C.get(count)))
+            goals.append(_goal(f"b/c, {count} labels", ratios["b_over_c"][str(count)], GOALS_B_OVER_C.get(count), result["quick"]))
     return ratios, goals
 
 
-def _goal(name: str, value: float, minimum: float | None) -> dict[str, Any]:
+def _goal(name: str, value: float, minimum: float | None, quick: bool) -> dict[str, Any]:
     if minimum is None:
         verdict = "no goal"
+    elif quick:
+        verdict = "not judged: the goals apply to the full run with the ViT-B/32-sized checkpoint"
     elif value >= minimum:
         verdict = "PASS"
     else:

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry.set_defaults(handler=cmd_retry)
 
     worker = commands.add_parser("worker", help="start a Celery worker with production defaults")
-    worker.add_argument("--concurrency", type=int, default=1, help="pool processes; one per GPU (default 1)")
+    worker.add_argument("--concurrency", type=int, default=1, help="pool processes (default 1); several processes may share one GPU, see docs/benchmarks.md")
     worker.add_argument("--queue", default=None, help="queue to consume (default: CLIPFLEET_QUEUE)")
     worker.set_defaults(handler=cmd_worker)
     return parser

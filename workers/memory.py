@@ -8,6 +8,9 @@ pass. The worker then used 39 to 46 ms of CPU per image for the bfloat16 ViT-B/3
 29 (benchmarks/throughput.py on the 2-core machine of docs/benchmarks.md). Fixed thresholds keep those
 buffers in the heap for reuse. Requests above 32 MiB, such as a decoded 4000 x 3000 photograph, are
 still mapped and returned when freed.
+
+NOTE: freed heap memory below the trim threshold stays with the process, in each of glibc's arenas,
+so a worker keeps about its peak RSS after a burst of large images instead of shrinking back.
 """
 
 from __future__ import annotations
