@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="CLIPFLEET_DTYPE of the worker and of measurement (a)")
     parser.add_argument("--batch-sizes", type=positive_int_list, default=None, help="comma-separated model batch sizes for (a); default: the worker's model batch size")
     parser.add_argument("--task-batch-size", type=positive_int, default=None, help="images per task of the jobs (default: the product default, 64)")
+    parser.add_argument("--worker-processes", type=positive_int, default=1, help="pool processes of the worker (clipfleet worker --concurrency), default 1; on a GPU several share it")
     parser.add_argument("--skip-pipeline", action="store_true", help="skip measurement (c), transformers' pipeline")
     parser.add_argument("--pipeline-seconds", type=positive_float, default=None, help="time budget of the pipeline's main timing per label set, in seconds (default 60, 5 with --quick)")
     parser.add_argument("--pipeline-images-1000", type=positive_int, default=None, help=f"images for the pipeline when a job has more than {PIPELINE_MANY_LABELS} labels (default 8, 2 with --quick)")
@@ -306,13 +307,13 @@ def measure_end_to_end(
         default_fetch_threads = Settings.model_fields["fetch_threads"].default
         env = {"CLIPFLEET_DTYPE": args.dtype, "CLIPFLEET_DEVICE": args.device, "CLIPFLEET_FETCH_THREADS": str(default_fetch_threads)}
         started = time.perf_counter()
-        worker = start_worker(workdir, redis_server.url, checkpoint, moto.endpoint_url, extra_env=env)
+        worker = start_worker(workdir, redis_server.url, checkpoint, moto.endpoint_url, extra_env=env, concurrency=args.worker_processes)
         stack.callback(worker.stop)
         log_text = worker.log_path.read_text(errors="replace")
         load_s = _stack.model_load_s(log_text)
         tower_dtype = _stack.image_tower_dtype(log_text) or "a dtype that the worker log does not name"
         print(f"  worker ready in {time.perf_counter() - started:.1f} s (model load {load_s} s); "
-              f"CLIPFLEET_DTYPE={args.dtype}, image tower in {tower_dtype}")
+              f"CLIPFLEET_DTYPE={args.dtype}, image tower in {tower_dtype}, {args.worker_processes} pool process(es)")
         results.update(model_load_s=load_s, worker_dtype=tower_dtype)
 
         client = Client(Settings(redis_url=redis_server.url, s3_endpoint_url=moto.endpoint_url, model=str(checkpoint)))
@@ -367,7 +368,7 @@ def _submit(args: argparse.Namespace, client: Any, prefix: str, labels: list[str
 def _print_label_set(count: int, row: dict[str, Any]) -> None:
     cold = f"{row['cold_prompt_s']:.2f} s" if row["cold_prompt_s"] is not None else "not in the log"
     print(f"  {count} labels: {row['state']}, {row['succeeded']}/{row['total']} ok, {row['images_per_s']:.1f} images/s "
-          f"({row['job_s']:.1f} s from first batch start to last shard); cold prompt encoding {cold} (warm-up job)")
+          f"({row['job_s']:.2f} s from first batch start to last shard); cold prompt encoding {cold} (warm-up job)")
     print(f"    peak RSS since the worker started: main {row['peak_rss_main_mb']:.0f} MiB, pool process {row['peak_rss_pool_mb']:.0f} MiB; "
           f"moto CPU {row['moto_cpu_percent']:.1f}% of all cores; machine CPU {row['machine_cpu_percent']:.0f}%")
     model_cpu_ms = 1000.0 * (psutil.cpu_count() or 1) / row["a_bracket"]

@@ -26,8 +26,9 @@ def start_worker(
     s3_endpoint_url: str | None = None,
     extra_env: dict[str, str] | None = None,
     app_module: str = "workers.app",
+    concurrency: int = 1,
 ) -> ManagedProcess:
-    """Start `celery -A APP_MODULE worker` with one pool process and wait until it is ready for tasks.
+    """Start `celery -A APP_MODULE worker` with `concurrency` pool processes and wait until it is ready for tasks.
 
     `app_module` names the module of the Celery app, `workers.app` unless a test starts a variant of it.
     Raises RuntimeError, with the end of the worker's log, when the worker exits before it is ready.
@@ -45,7 +46,7 @@ def start_worker(
     env.update(extra_env or {})
     name = f"test-{uuid.uuid4().hex[:8]}"
     argv = [
-        sys.executable, "-m", "celery", "-A", app_module, "worker", "--pool=prefork", "--concurrency=1",
+        sys.executable, "-m", "celery", "-A", app_module, "worker", "--pool=prefork", f"--concurrency={concurrency}",
         "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat", "--hostname", f"{name}@%h",
     ]
     worker = ManagedProcess(name, argv, log_dir / f"{name}.log", env)
