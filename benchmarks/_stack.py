@@ -33,7 +33,7 @@ UPLOAD_THREADS = 8
 
 # Runs in the child process: moto's threaded server with werkzeug's per-request log silenced. The child exits
 # when its stdin closes, so it also stops when the benchmark is killed without running its cleanup.
-# moto's ThreadedMotoServer (werkzeug's development server) answers every request with "Connection: close",
+# moto's ThreadedMotoServer (werkzeug's development server) replies to every request with "Connection: close",
 # so each GET pays for a new TCP connection on both sides, where S3 and MinIO keep connections open. That
 # costs about 0.5 ms of CPU per GET: 2.85 ms per 60 KB GET against 2.37 ms for the same backend served with
 # keep-alive, measured on the 2-core machine of docs/benchmarks.md. The figures here include that cost.

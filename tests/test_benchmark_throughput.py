@@ -77,7 +77,7 @@ def test_quick_run_reports_ratios(quick_result: dict[str, Any]) -> None:
     for count in quick_result["labels"]:
         assert positive_finite(quick_result["ratios"]["b_over_a"][str(count)]), count
         assert positive_finite(quick_result["ratios"]["b_over_c"][str(count)]), count
-    # The tiny checkpoint's speed says nothing about the goals, so quick mode does not judge them.
+    # The tiny checkpoint's speed tells nothing about the goals, so quick mode does not judge them.
     verdicts = {goal["verdict"].split(":")[0] for goal in quick_result["goals"]}
     assert verdicts <= {"not judged", "no goal"}
 

@@ -478,7 +478,7 @@ def test_job_over_label_limit_fails(runtime: WorkerRuntime, s3_job: dict[str, An
 
 
 def test_prefetch_in_order_keeps_window() -> None:
-    window, started, taken = 3, [0], 0
+    window, started, consumed = 3, [0], 0
     lock = threading.Lock()
 
     def record_start(item: int) -> int:
@@ -492,9 +492,9 @@ def test_prefetch_in_order_keeps_window() -> None:
         for future in prefetch_in_order(pool, record_start, range(20), window):
             time.sleep(0.01)  # let the pool start everything it was given
             with lock:
-                in_flight.append(started[0] - taken)
+                in_flight.append(started[0] - consumed)
             results.append(future.result())
-            taken += 1
+            consumed += 1
     assert results == [item * 10 for item in range(20)]
     assert max(in_flight) == window
 
