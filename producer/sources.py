@@ -1,51 +1,75 @@
-"""Image sources: an S3 prefix, a manifest of URIs, or a local folder, each listed as a stream.
+"""Image sources: S3 prefixes, manifests of URIs, S3 Inventory reports and local folders, listed as streams.
 
-Listing order is deterministic (S3's lexicographic key order, manifest order, sorted folder walk), so the
-same source always yields the same batches.
+A job may have several sources. They are listed in the order given, and each in a deterministic order
+(S3's lexicographic key order, manifest order, inventory data file order, sorted folder walk), so the same
+sources always yield the same batches. Memory does not grow with the number of keys: S3 prefixes are
+listed by background threads a few pages ahead of the consumer, manifests are read as streams, and
+repeated manifest entries are found through an on-disk FingerprintSet.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import logging
 import os
-from collections.abc import Collection, Iterable, Iterator
+import queue
+import tempfile
+import threading
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from producer.constants import MAX_MANIFEST_URI_BYTES
-from producer.errors import InvalidJobSpec, SourceError, StorageError
+from producer.errors import SourceError, StorageError
+from producer.fingerprints import FingerprintSet
+from producer.inventory import (
+    InventoryReport,
+    is_inventory_manifest,
+    iter_inventory,
+    open_inventory,
+)
+from producer.manifests import (
+    MANIFEST_SUFFIXES,
+    Manifest,
+    ManifestError,
+    manifest_format,
+    open_manifest,
+)
 from producer.storage import Storage
-from producer.uris import S3Uri, check_bucket_allowed, is_s3_uri, parse_location, parse_s3_uri
+from producer.uris import S3Uri, is_s3_uri, parse_location
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_SUFFIXES = (".txt", ".csv", ".jsonl")
+__all__ = [
+    "MANIFEST_SUFFIXES",
+    "ListingStats",
+    "ManifestError",
+    "is_manifest",
+    "is_read_at_submit",
+    "iter_local_folder",
+    "iter_manifest",
+    "iter_source",
+    "iter_sources",
+]
 
-# Repeated manifest entries are dropped while at most this many distinct URIs have been seen. Each is kept
-# as a 16-byte BLAKE2b digest, about 95 bytes per entry in a CPython 3.11 set (2 million took 187 MB,
-# measured with ru_maxrss). After that, duplicate checking stops with a warning.
-MAX_TRACKED_MANIFEST_URIS = 2_000_000
 MAX_EXAMPLES = 5
-
-
-class ManifestError(SourceError, InvalidJobSpec):
-    """A manifest line is malformed; the job is rejected before anything is enqueued."""
+# S3 prefixes listed at the same time, each by its own thread.
+MAX_LISTING_THREADS = 8
+# Pages of keys each listing thread may hold ahead of the consumer. Memory is bounded by
+# MAX_LISTING_THREADS * LISTING_PAGES_AHEAD * LISTING_PAGE_KEYS keys.
+LISTING_PAGES_AHEAD = 4
+LISTING_PAGE_KEYS = 1000  # ListObjectsV2 returns at most this many keys per page
+_QUEUE_POLL_S = 0.1
 
 
 @dataclass
 class ListingStats:
-    """Counts kept while a source is listed."""
+    """Counts kept while sources are listed."""
 
     listed: int = 0
     skipped: int = 0
     skipped_examples: list[str] = field(default_factory=list)
-    duplicates: int = 0  # manifest entries dropped because the same URI came earlier
+    duplicates: int = 0  # manifest entries dropped because the same URI came earlier in the job's manifests
     duplicate_examples: list[str] = field(default_factory=list)
-    duplicate_check_stopped: bool = False  # True once MAX_TRACKED_MANIFEST_URIS distinct URIs were seen
 
     def skip(self, uri: str) -> None:
         self.skipped += 1
@@ -59,7 +83,19 @@ class ListingStats:
 
 
 def is_manifest(source: str) -> bool:
-    return source.lower().endswith(MANIFEST_SUFFIXES) and (is_s3_uri(source) or Path(source).is_file())
+    """Return True for a manifest source: a manifest suffix, and an S3 URI or an existing local file."""
+    return manifest_format(source) is not None and (is_s3_uri(source) or Path(source).is_file())
+
+
+def is_inventory(source: str) -> bool:
+    """Return True for an S3 Inventory source: a `manifest.json` S3 URI or existing local file."""
+    return is_inventory_manifest(source) and (is_s3_uri(source) or Path(source).is_file())
+
+
+def is_read_at_submit(source: str) -> bool:
+    """Return True when the producer reads `source`'s entries at submit (a manifest or an S3 Inventory
+    manifest.json), judged by name only, so workers need only the locations it lists."""
+    return manifest_format(source) is not None or is_inventory_manifest(source)
 
 
 def iter_source(
@@ -69,17 +105,32 @@ def iter_source(
     stats: ListingStats | None = None,
     allowed_buckets: Collection[str] = (),
 ) -> Iterator[str]:
-    """Yield the image URIs of `source` whose extension is in `extensions` (compared case-insensitively).
+    """Yield the image URIs of one source; see `iter_sources`."""
+    return iter_sources([source], storage, extensions, stats, allowed_buckets)
+
+
+def iter_sources(
+    sources: Sequence[str],
+    storage: Storage,
+    extensions: Iterable[str],
+    stats: ListingStats | None = None,
+    allowed_buckets: Collection[str] = (),
+) -> Iterator[str]:
+    """Yield the image URIs of each source in turn whose extension is in `extensions` (compared case-insensitively).
 
     S3 sources yield `s3://` URIs with keys kept byte-exact; local sources yield absolute paths.
     Keys ending in `/` (folder markers) are dropped; other non-image keys are counted in `stats.skipped`.
-    A manifest's repeated URIs are dropped and counted in `stats.duplicates` (see `iter_manifest`).
-    Raises SourceError when the source cannot be read, and ManifestError (a SourceError and an
-    InvalidJobSpec) when a manifest entry is invalid or outside a non-empty `allowed_buckets`.
+    A manifest URI listed earlier by any manifest of `sources` is dropped and counted in `stats.duplicates`.
+
+    Every manifest is checked whole, and every S3 Inventory manifest.json read, before the first URI is
+    yielded, so a bad entry fails the job before anything is enqueued. S3 prefixes are listed by up to
+    MAX_LISTING_THREADS threads at once. Raises SourceError naming the source when one cannot be read or
+    listed, and ManifestError (a SourceError and an InvalidJobSpec) when a manifest entry is invalid or
+    outside a non-empty `allowed_buckets`. Closing the generator early stops the listing threads.
     """
     stats = stats if stats is not None else ListingStats()
     suffixes = tuple(ext.lower() for ext in extensions)
-    for uri in _iter_raw(source, storage, allowed_buckets, stats):
+    for uri in _iter_raw(list(sources), storage, allowed_buckets, stats):
         if uri.endswith("/"):
             continue
         if not _is_utf8(uri):
@@ -93,6 +144,78 @@ def iter_source(
         yield uri
 
 
+def iter_manifest(
+    source: str, storage: Storage, allowed_buckets: Collection[str] = (), stats: ListingStats | None = None
+) -> Iterator[str]:
+    """Yield the URIs a manifest lists, each once and without filtering by extension; see `producer.manifests`.
+
+    Raises SourceError when the manifest cannot be read and ManifestError for an invalid entry.
+    """
+    stats = stats if stats is not None else ListingStats()
+    with ExitStack() as stack:
+        spool_folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="clipfleet-manifest-")))
+        manifest = open_manifest(source, storage, spool_folder, allowed_buckets)
+        manifest.check()
+        seen = stack.enter_context(FingerprintSet(spool_folder))
+        yield from manifest.iter_uris(seen, stats)
+
+
+def _iter_raw(
+    sources: list[str], storage: Storage, allowed_buckets: Collection[str], stats: ListingStats
+) -> Iterator[str]:
+    """Yield every URI of `sources` unfiltered, after opening (and checking) all of them."""
+    with ExitStack() as stack:
+        spool_folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="clipfleet-sources-")))
+        window = _ListingWindow(storage, MAX_LISTING_THREADS)
+        stack.callback(window.stop)
+        opened = [_open(index, source, storage, allowed_buckets, spool_folder, window) for index, source in enumerate(sources)]
+        seen = stack.enter_context(FingerprintSet(spool_folder)) if any(isinstance(item, Manifest) for item in opened) else None
+        for index, (source, item) in enumerate(zip(sources, opened)):
+            window.start_from(index)
+            yield from _iter_opened(source, item, storage, spool_folder, seen, stats)
+
+
+def _open(
+    index: int,
+    source: str, storage: Storage, allowed_buckets: Collection[str], spool_folder: Path, window: "_ListingWindow"
+) -> "Manifest | InventoryReport | _PrefixListing | Path":
+    try:
+        if is_inventory(source):
+            return open_inventory(source, storage, allowed_buckets)
+        if is_manifest(source):
+            manifest = open_manifest(source, storage, spool_folder, allowed_buckets)
+            manifest.check()
+            return manifest
+        location = parse_location(source)
+        if isinstance(location, S3Uri):
+            return window.add(index, source, location)
+        _check_folder(location)
+        return location
+    except StorageError as e:
+        raise SourceError(f"source {source!r} cannot be read: {e}") from e
+
+
+def _iter_opened(
+    source: str,
+    item: "Manifest | InventoryReport | _PrefixListing | Path",
+    storage: Storage,
+    spool_folder: Path,
+    seen: FingerprintSet | None,
+    stats: ListingStats,
+) -> Iterator[str]:
+    try:
+        if isinstance(item, Manifest) and seen is not None:
+            yield from item.iter_uris(seen, stats)
+        elif isinstance(item, InventoryReport):
+            yield from iter_inventory(item, storage, spool_folder)
+        elif isinstance(item, _PrefixListing):
+            yield from item.iter_uris()
+        elif isinstance(item, Path):
+            yield from _walk_sorted(item)
+    except StorageError as e:
+        raise SourceError(f"source {source!r} cannot be read: {e}") from e
+
+
 def _is_utf8(uri: str) -> bool:
     # Local file names that are not UTF-8 arrive as lone surrogates (PEP 383), which JSON cannot encode.
     try:
@@ -102,32 +225,26 @@ def _is_utf8(uri: str) -> bool:
     return True
 
 
-def _iter_raw(source: str, storage: Storage, allowed_buckets: Collection[str], stats: ListingStats) -> Iterator[str]:
-    try:
-        if is_manifest(source):
-            yield from iter_manifest(source, storage, allowed_buckets, stats)
-            return
-        location = parse_location(source)
-        if isinstance(location, S3Uri):
-            for key, _size in storage.iter_objects(location):
-                yield str(S3Uri(location.bucket, key))
-            return
-        yield from iter_local_folder(location)
-    except StorageError as e:
-        raise SourceError(f"source {source!r} cannot be read: {e}") from e
-
-
 def iter_local_folder(root: Path) -> Iterator[str]:
     """Yield the files under `root` as absolute paths, in the order S3 would list the same keys.
 
     Entries are sorted by name, a folder as its name plus `/`, so `a/c.jpg` comes before `a0.jpg` as in S3.
     Symbolic links are not followed: a link that points outside `root` could expose any file on the machine.
+    Raises SourceError when `root` is not a folder.
     """
-    if not root.is_dir():
-        if root.suffix.lower() in MANIFEST_SUFFIXES:
-            raise SourceError(f"source {str(root)!r} does not exist: expected a folder or a manifest (.txt .csv .jsonl)")
-        raise SourceError(f"source folder {str(root)!r} does not exist or is not a folder")
+    _check_folder(root)
     yield from _walk_sorted(root)
+
+
+def _check_folder(root: Path) -> None:
+    if root.is_dir():
+        return
+    if manifest_format(str(root)) is not None or is_inventory_manifest(str(root)):
+        raise SourceError(
+            f"source {str(root)!r} does not exist: expected a folder, a manifest ({' '.join(MANIFEST_SUFFIXES)}) "
+            "or an S3 Inventory manifest.json"
+        )
+    raise SourceError(f"source folder {str(root)!r} does not exist or is not a folder")
 
 
 def _walk_sorted(folder: Path) -> Iterator[str]:
@@ -142,163 +259,108 @@ def _walk_sorted(folder: Path) -> Iterator[str]:
             yield entry.path
 
 
-def iter_manifest(
-    source: str, storage: Storage, allowed_buckets: Collection[str] = (), stats: ListingStats | None = None
-) -> Iterator[str]:
-    """Yield the URIs listed in a `.txt`, `.csv` or `.jsonl` manifest, each URI once.
 
-    `.txt`: one URI per line. `.jsonl`: one object per line with a `uri` field. In both, blank lines and
-    lines starting with `#` are ignored. `.csv`: a header row with a `uri` column (otherwise the first
-    column is used).
-    Relative local paths are resolved against the manifest's folder. A URI that came earlier in the
-    manifest is dropped and counted in `stats.duplicates`, while at most MAX_TRACKED_MANIFEST_URIS distinct
-    URIs have been seen. Raises ManifestError (a SourceError) on a malformed line, an invalid URI, an entry
-    over MAX_MANIFEST_URI_BYTES, an S3 key over 1,024 bytes or an S3 URI outside a non-empty
-    `allowed_buckets`. Every line is checked before the first URI is yielded, so a bad line fails the job
-    before anything is enqueued. The text is parsed twice for that but held in memory once.
+
+class _PrefixListing:
+    """The keys under one S3 prefix, listed by a background thread into a queue of at most `pages_ahead` pages."""
+
+    def __init__(self, source: str, prefix: S3Uri, storage: Storage, stop: threading.Event, pages_ahead: int) -> None:
+        self.source = source
+        self.prefix = prefix
+        self.storage = storage
+        self.started = False
+        self._stop = stop
+        self._pages: queue.Queue[list[str] | BaseException | None] = queue.Queue(maxsize=pages_ahead)
+        self._thread = threading.Thread(target=self._run, name=f"clipfleet-list-{prefix.bucket}", daemon=True)
+
+    def start(self) -> None:
+        self.started = True
+        self._thread.start()
+
+    def join(self, timeout_s: float) -> None:
+        if self.started:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        """Put pages of keys, then None at the end, or the exception that stopped the listing."""
+        try:
+            page: list[str] = []
+            for key, _size in self.storage.iter_objects(self.prefix):
+                page.append(key)
+                if len(page) == LISTING_PAGE_KEYS:
+                    if not self._put(page):
+                        return
+                    page = []
+            if page and not self._put(page):
+                return
+            self._put(None)
+        except Exception as e:  # handed to the consumer, which raises it as a SourceError
+            self._put(e)
+
+    def _put(self, item: list[str] | BaseException | None) -> bool:
+        """Wait for room in the queue; return False when the consumer has stopped."""
+        while not self._stop.is_set():
+            try:
+                self._pages.put(item, timeout=_QUEUE_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def iter_uris(self) -> Iterator[str]:
+        """Yield the prefix's URIs in S3's order. Raises SourceError naming the prefix when listing failed."""
+        while True:
+            item = self._next_page()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise SourceError(f"listing prefix {self.source!r} failed: {item}") from item
+            for key in item:
+                yield str(S3Uri(self.prefix.bucket, key))
+
+    def _next_page(self) -> list[str] | BaseException | None:
+        while True:
+            try:
+                return self._pages.get(timeout=_QUEUE_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._pages.empty():
+                    raise SourceError(f"listing prefix {self.source!r} stopped without an error or an end") from None
+
+
+class _ListingWindow:
+    """Starts S3 prefix listings in source order, with at most `max_threads` started and not yet consumed.
+
+    Starting in source order means the consumer's current prefix always has a thread, so the window
+    cannot deadlock on threads of later prefixes that wait for room in their queues.
     """
-    stats = stats if stats is not None else ListingStats()
-    text = _read_manifest(source, storage)
-    base = None if is_s3_uri(source) else Path(source).parent
-    suffix = source.lower().rsplit(".", 1)[-1]
-    reader = {"txt": _manifest_txt, "csv": _manifest_csv, "jsonl": _manifest_jsonl}[suffix]
-    # The first pass only checks, so that no batch is enqueued before a bad line fails the listing.
-    for line_number, raw in reader(text, source):
-        _check_manifest_uri(raw, source, line_number, base, allowed_buckets)
-    seen = _SeenUris(source, stats)
-    for line_number, raw in reader(text, source):
-        uri = _check_manifest_uri(raw, source, line_number, base, allowed_buckets)
-        if seen.add(uri):
-            yield uri
-    seen.log_summary()
 
+    def __init__(self, storage: Storage, max_threads: int) -> None:
+        self.storage = storage
+        self.max_threads = max_threads
+        self.listings: dict[int, _PrefixListing] = {}
+        self._stop = threading.Event()
 
-def _read_manifest(source: str, storage: Storage) -> str:
-    try:
-        return storage.get_bytes(source).decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"manifest {source!r} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    def add(self, index: int, source: str, prefix: S3Uri) -> _PrefixListing:
+        """Register the prefix of source number `index`; it starts now when the window has room."""
+        listing = _PrefixListing(source, prefix, self.storage, self._stop, LISTING_PAGES_AHEAD)
+        self.listings[index] = listing
+        self.start_from(0)
+        return listing
 
+    def start_from(self, index: int) -> None:
+        """Start waiting listings of sources `index` and later, in order, while fewer than `max_threads` run."""
+        pending = [number for number in sorted(self.listings) if number >= index]
+        active = sum(1 for number in pending if self.listings[number].started)
+        for number in pending:
+            if active >= self.max_threads:
+                return
+            if not self.listings[number].started:
+                self.listings[number].start()
+                active += 1
 
-class _SeenUris:
-    """The distinct URIs of one manifest, kept as 16-byte digests up to MAX_TRACKED_MANIFEST_URIS entries."""
-
-    def __init__(self, manifest: str, stats: ListingStats) -> None:
-        self.manifest = manifest
-        self.stats = stats
-        self._digests: set[bytes] = set()
-
-    def add(self, uri: str) -> bool:
-        """Return True for a URI not seen before (or seen after tracking stopped), False for a repeat."""
-        if self.stats.duplicate_check_stopped:
-            return True
-        digest = hashlib.blake2b(uri.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        if digest in self._digests:
-            self.stats.drop_duplicate(uri)
-            return False
-        if len(self._digests) >= MAX_TRACKED_MANIFEST_URIS:
-            self._stop_tracking()
-            return True
-        self._digests.add(digest)
-        return True
-
-    def _stop_tracking(self) -> None:
-        self.stats.duplicate_check_stopped = True
-        self._digests = set()
-        logger.warning(
-            "Manifest %s lists more than %d distinct URIs; repeats after that are not dropped, so they are "
-            "classified again and appear in the results more than once",
-            self.manifest, MAX_TRACKED_MANIFEST_URIS,
-        )
-
-    def log_summary(self) -> None:
-        if self.stats.duplicates:
-            logger.warning(
-                "Manifest %s lists %d URIs more than once; each repeat was dropped, so every image appears in "
-                "the results once. Examples: %s",
-                self.manifest, self.stats.duplicates, ", ".join(repr(uri) for uri in self.stats.duplicate_examples),
-            )
-
-
-def _manifest_txt(text: str, manifest: str) -> Iterator[tuple[int, str]]:
-    # Split at "\n" only: str.splitlines also splits at U+2028, U+0085 and other characters S3 keys may contain.
-    for number, line in enumerate(text.split("\n"), start=1):
-        value = line.strip()
-        if value and not value.startswith("#"):
-            yield number, value
-
-
-def _manifest_csv(text: str, manifest: str) -> Iterator[tuple[int, str]]:
-    rows = csv.reader(io.StringIO(text))
-    try:
-        yield from _csv_uris(rows)
-    except csv.Error as e:
-        raise ManifestError(
-            f"{manifest} line {rows.line_num}: invalid CSV ({e}); an entry is at most {MAX_MANIFEST_URI_BYTES} bytes"
-        ) from e
-
-
-def _csv_uris(rows: Iterator[list[str]]) -> Iterator[tuple[int, str]]:
-    header = next(rows, None)
-    if header is None:
-        return
-    normalised = [column.strip().lower() for column in header]
-    if "uri" in normalised:
-        column = normalised.index("uri")
-    else:
-        column = 0
-        if header and header[0].strip():
-            yield 1, header[0].strip()
-    for number, row in enumerate(rows, start=2):
-        if row and len(row) > column and row[column].strip():
-            yield number, row[column].strip()
-
-
-def _manifest_jsonl(text: str, manifest: str) -> Iterator[tuple[int, str]]:
-    for number, line in enumerate(text.split("\n"), start=1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{manifest} line {number} is not valid JSON: {e}") from e
-        if not isinstance(record, dict) or not isinstance(record.get("uri"), str):
-            raise ManifestError(f"{manifest} line {number} has no string field 'uri': {line[:100]!r}")
-        yield number, record["uri"]
-
-
-def _check_manifest_uri(
-    value: str, manifest: str, line_number: int, base: Path | None, allowed_buckets: Collection[str]
-) -> str:
-    _check_uri_length(value, manifest, line_number)
-    if is_s3_uri(value):
-        try:
-            check_bucket_allowed(parse_s3_uri(value), allowed_buckets)
-        except ValueError as e:
-            raise ManifestError(f"{manifest} line {line_number}: {e}") from e
-        return value
-    if base is None:
-        raise ManifestError(
-            f"{manifest} line {line_number}: {value[:100]!r} is not an s3:// URI; "
-            "manifests stored in S3 must list s3://bucket/key URIs"
-        )
-    try:
-        location = parse_location(value)
-    except ValueError as e:
-        raise ManifestError(f"{manifest} line {line_number}: {e}") from e
-    path = location if Path(value).is_absolute() else (base / value)
-    return str(path)
-
-
-def _check_uri_length(value: str, manifest: str, line_number: int) -> None:
-    # A character is at most 4 UTF-8 bytes, so most values skip the encoding.
-    if len(value) * 4 <= MAX_MANIFEST_URI_BYTES:
-        return
-    size_bytes = len(value.encode("utf-8", "surrogatepass"))
-    if size_bytes > MAX_MANIFEST_URI_BYTES:
-        raise ManifestError(
-            f"{manifest} line {line_number}: the entry is {size_bytes} bytes, starting {value[:60]!r}; "
-            f"an entry is at most {MAX_MANIFEST_URI_BYTES} bytes (a local path or an S3 URI), so fix or remove that line"
-        )
-
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Tell every listing thread to stop and wait briefly for each. A thread inside a slow S3 call
+        ends after that call; it is a daemon thread, so it never keeps the process alive."""
+        self._stop.set()
+        for listing in self.listings.values():
+            listing.join(timeout_s)

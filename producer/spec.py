@@ -8,7 +8,7 @@ import logging
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -19,6 +19,7 @@ from producer.constants import (
     MAX_BATCH_SIZE,
 )
 from producer.errors import InvalidJobSpec
+from producer.sources import is_read_at_submit
 from producer.uris import S3Uri, parse_location
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    source: str
+    source: str | list[str]  # one source, or a non-empty list listed in order
     labels: list[str] | dict[str, list[str]]
     templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     output: str
@@ -45,8 +46,17 @@ class JobSpec(BaseModel):
     batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE)
     top_k: int = Field(5, ge=1, le=MAX_TOP_K)
     extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS))
+    # Result shard format; the Parquet schema is producer.formats.RESULT_SCHEMA.
+    format: Literal["jsonl", "parquet"] = "jsonl"
 
-    @field_validator("source", "output")
+    @field_validator("source")
+    @classmethod
+    def _check_sources(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            return str(parse_location(value))
+        return check_sources(value)
+
+    @field_validator("output")
     @classmethod
     def _check_location(cls, value: str) -> str:
         location = parse_location(value)
@@ -105,8 +115,14 @@ class JobSpec(BaseModel):
         return {name: [template.replace("{}", name) for template in self.templates] for name in self.labels}
 
     @property
+    def sources(self) -> list[str]:
+        """The job's sources in listing order, a list even when `source` is one string."""
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+    @property
     def source_is_s3(self) -> bool:
-        return self.source.startswith("s3://")
+        """True when every source is in S3, so the job reads no local image."""
+        return all(source.startswith("s3://") for source in self.sources)
 
     @property
     def output_is_s3(self) -> bool:
@@ -121,11 +137,62 @@ class JobSpec(BaseModel):
     def buckets(self) -> set[str]:
         """Return the S3 buckets the job reads or writes directly (manifest entries are checked as listed)."""
         found = set()
-        for value in (self.source, self.output):
+        for value in (*self.sources, self.output):
             location = parse_location(value)
             if isinstance(location, S3Uri):
                 found.add(location.bucket)
         return found
+
+
+def check_sources(values: list[str]) -> list[str]:
+    """Return the sources normalised by `parse_location`, for a job with a list of sources.
+
+    Raises ValueError, naming both values where two clash, for an empty list, a source given twice, two
+    S3 prefixes or two local folders where one contains the other (their images would be classified
+    twice), or more than one local source.
+    """
+    if not values:
+        raise ValueError("source must not be an empty list: give at least one s3:// prefix, manifest or folder")
+    cleaned = [str(parse_location(value)) for value in values]
+    seen: dict[str, str] = {}
+    for raw, value in zip(values, cleaned):
+        if value in seen and raw == seen[value]:
+            raise ValueError(f"source {raw!r} is listed twice; list each source once")
+        if value in seen:
+            raise ValueError(f"sources {seen[value]!r} and {raw!r} are the same location {value!r}; list it once")
+        seen[value] = raw
+    _check_nested(cleaned)
+    local = [value for value in cleaned if not value.startswith("s3://")]
+    if len(local) > 1:
+        # NOTE: workers confine a job's local reads to one folder (workers.policy.allowed_local_root),
+        # so a job may name one local folder or manifest.
+        raise ValueError(
+            f"sources {local[0]!r} and {local[1]!r} are both local; a job may have one local source, "
+            "so list the files in one manifest or submit one job per folder"
+        )
+    return cleaned
+
+
+def _check_nested(sources: list[str]) -> None:
+    """Raise ValueError when one S3 prefix or local folder among `sources` contains another."""
+    listed = [source for source in sources if not is_read_at_submit(source)]
+    for index, first in enumerate(listed):
+        for second in listed[index + 1:]:
+            if _contains(first, second) or _contains(second, first):
+                raise ValueError(
+                    f"sources {first!r} and {second!r} overlap: one contains the other, so their images would "
+                    "be classified twice; keep only the outer one"
+                )
+
+
+def _contains(outer: str, inner: str) -> bool:
+    outer_location, inner_location = parse_location(outer), parse_location(inner)
+    if isinstance(outer_location, S3Uri) and isinstance(inner_location, S3Uri):
+        # S3 prefixes are string prefixes: s3://b/a also lists s3://b/ab/.
+        return outer_location.bucket == inner_location.bucket and inner_location.key.startswith(outer_location.key)
+    if isinstance(outer_location, Path) and isinstance(inner_location, Path):
+        return inner_location.is_relative_to(outer_location)
+    return False
 
 
 def _clean_labels(raw: list[Any]) -> list[str]:
@@ -185,7 +252,7 @@ def build_spec(**fields: Any) -> JobSpec:
         spec = JobSpec(**fields)
     except ValidationError as e:
         raise InvalidJobSpec(_describe(e)) from e
-    if spec.source == spec.output:
+    if spec.output in spec.sources:
         raise InvalidJobSpec(f"invalid job spec: output: {spec.output!r} must differ from the source")
     return spec
 
@@ -223,10 +290,14 @@ def _short(value: Any) -> str:
 
 
 def local_root(spec: JobSpec) -> Path | None:
-    """Return the local source folder (or manifest's folder) that local image paths must stay under."""
-    if spec.source_is_s3:
+    """Return the local source folder (or manifest's folder) that local image paths must stay under.
+
+    Returns None when every source is in S3. `check_sources` allows at most one local source per job.
+    """
+    local = [source for source in spec.sources if not source.startswith("s3://")]
+    if not local:
         return None
-    path = Path(spec.source)
+    path = Path(local[0])
     return path if path.is_dir() else path.parent
 
 

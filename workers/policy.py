@@ -17,7 +17,7 @@ from pathlib import Path
 
 from producer.errors import ClipfleetError, InvalidJobSpec
 from producer.settings import Settings
-from producer.sources import MANIFEST_SUFFIXES
+from producer.sources import is_read_at_submit
 from producer.spec import JobSpec, check_job_size, local_root
 from producer.uris import S3Uri, parse_location
 
@@ -37,11 +37,13 @@ def check_job(spec: JobSpec, settings: Settings) -> None:
 
 def check_job_locations(spec: JobSpec, settings: Settings) -> None:
     """Raise JobRejected, naming the location and the setting to change, if `spec` is not allowed here."""
-    checked = [("output", spec.output)]
-    # A manifest is read at submit, so workers need only its S3 entries, or the local image paths in it,
-    # which `allowed_local_root` confines. Any other source is checked as the folder images come from.
-    if not spec.source.lower().endswith(MANIFEST_SUFFIXES):
-        checked.insert(0, ("source", str(local_root(spec) or spec.source)))
+    checked = []
+    # A manifest or S3 Inventory report is read at submit, so workers need only its S3 entries, or the local
+    # image paths in it, which `allowed_local_root` confines. Other sources are checked as the folders images come from.
+    for source in spec.sources:
+        if not is_read_at_submit(source):
+            checked.append(("source", source if source.startswith("s3://") else str(local_root(spec))))
+    checked.append(("output", spec.output))
     for role, value in checked:
         location = parse_location(value)
         if isinstance(location, S3Uri):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from uuid import uuid4
@@ -14,9 +16,9 @@ from botocore.client import BaseClient
 
 from producer.constants import DEFAULT_IMAGE_EXTENSIONS
 from producer.errors import InvalidJobSpec, SourceError
-from producer.sources import ListingStats, ManifestError, iter_source
+from producer.sources import MAX_LISTING_THREADS, ListingStats, ManifestError, iter_source, iter_sources
 from producer.storage import Storage
-from producer.uris import parse_s3_uri
+from producer.uris import S3Uri, parse_s3_uri
 
 MANY_KEYS = 2_500
 UPLOAD_THREADS = 16
@@ -413,7 +415,7 @@ def test_manifest_repeats_dropped(
     source = place_manifest("list.txt", DUPLICATED_MANIFEST)
     stats = ListingStats()
 
-    with caplog.at_level(logging.WARNING, logger="producer.sources"):
+    with caplog.at_level(logging.WARNING, logger="producer.manifests"):
         uris = list_uris(source, storage, stats=stats)
 
     assert uris == ["s3://photos/a.jpg", "s3://photos/b.jpg", "s3://photos/c.jpg"]
@@ -435,23 +437,6 @@ def test_manifest_relative_and_absolute_repeat_dropped(tmp_path: Path, storage: 
 
     assert uris == [str(tmp_path / "photos" / "a.jpg")]
     assert stats.duplicates == 1
-
-
-def test_manifest_repeat_tracking_stops_at_cap(
-    tmp_path: Path, storage: Storage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr("producer.sources.MAX_TRACKED_MANIFEST_URIS", 2)
-    manifest = tmp_path / "list.txt"
-    manifest.write_text("s3://photos/a.jpg\ns3://photos/a.jpg\ns3://photos/b.jpg\ns3://photos/c.jpg\ns3://photos/a.jpg\n", encoding="utf-8")
-    stats = ListingStats()
-
-    with caplog.at_level(logging.WARNING, logger="producer.sources"):
-        uris = list_uris(str(manifest), storage, stats=stats)
-
-    assert uris == ["s3://photos/a.jpg", "s3://photos/b.jpg", "s3://photos/c.jpg", "s3://photos/a.jpg"]
-    assert stats.duplicates == 1
-    assert stats.duplicate_check_stopped is True
-    assert any("more than 2 distinct URIs" in record.getMessage() for record in caplog.records)
 
 
 MEGABYTE_KEY = "k" * (1024 * 1024)
@@ -499,4 +484,133 @@ def test_manifest_bad_line_raises_before_first_uri(tmp_path: Path, storage: Stor
     uris = iter_source(str(manifest), storage, DEFAULT_IMAGE_EXTENSIONS)
 
     with pytest.raises(ManifestError, match="line 2"):
+        next(uris)
+
+
+# --- several sources ------------------------------------------------------------------------------
+
+
+class BarrierStorage(Storage):
+    """A Storage whose listings each wait at a barrier before listing, so they only finish when run together."""
+
+    def __init__(self, endpoint_url: str, parties: int) -> None:
+        super().__init__(endpoint_url=endpoint_url)
+        self.barrier = threading.Barrier(parties, timeout=BARRIER_TIMEOUT_S)
+
+    def iter_objects(self, prefix: S3Uri) -> Iterator[tuple[str, int]]:
+        self.barrier.wait()  # raises BrokenBarrierError unless every party lists at the same time
+        yield from super().iter_objects(prefix)
+
+
+class CountingStorage(Storage):
+    """A Storage that records how many listings run at the same time; each listing lasts at least LISTING_PAUSE_S."""
+
+    def __init__(self, endpoint_url: str) -> None:
+        super().__init__(endpoint_url=endpoint_url)
+        self.lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+
+    def iter_objects(self, prefix: S3Uri) -> Iterator[tuple[str, int]]:
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            time.sleep(LISTING_PAUSE_S)
+            yield from super().iter_objects(prefix)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+BARRIER_TIMEOUT_S = 20.0
+LISTING_PAUSE_S = 0.05
+PREFIX_COUNT = 11  # more prefixes than MAX_LISTING_THREADS
+
+
+@pytest.fixture(scope="module")
+def prefixes_bucket(s3_client: BaseClient) -> str:
+    """A bucket with PREFIX_COUNT prefixes `p00/` ... holding two images each."""
+    bucket = f"prefixes-{uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=bucket)
+    put_objects(s3_client, bucket, {f"p{index:02d}/{name}": b"x" for index in range(PREFIX_COUNT) for name in ("a.jpg", "b.jpg")})
+    return bucket
+
+
+def expected_uris(bucket: str, indexes: list[int]) -> list[str]:
+    return [f"s3://{bucket}/p{index:02d}/{name}" for index in indexes for name in ("a.jpg", "b.jpg")]
+
+
+def test_sources_listed_in_given_order(storage: Storage, prefixes_bucket: str) -> None:
+    order = [3, 0, 7]
+
+    uris = list(iter_sources([f"s3://{prefixes_bucket}/p{index:02d}/" for index in order], storage, DEFAULT_IMAGE_EXTENSIONS))
+
+    assert uris == expected_uris(prefixes_bucket, order)
+
+
+def test_two_prefixes_listed_in_parallel(s3_server, prefixes_bucket: str) -> None:
+    storage = BarrierStorage(s3_server.endpoint_url, parties=2)
+    sources = [f"s3://{prefixes_bucket}/p01/", f"s3://{prefixes_bucket}/p02/"]
+
+    uris = list(iter_sources(sources, storage, DEFAULT_IMAGE_EXTENSIONS))
+
+    assert uris == expected_uris(prefixes_bucket, [1, 2])
+    assert storage.barrier.broken is False
+
+
+def test_listing_threads_capped(s3_server, prefixes_bucket: str) -> None:
+    storage = CountingStorage(s3_server.endpoint_url)
+    sources = [f"s3://{prefixes_bucket}/p{index:02d}/" for index in range(PREFIX_COUNT)]
+
+    uris = list(iter_sources(sources, storage, DEFAULT_IMAGE_EXTENSIONS))
+
+    assert uris == expected_uris(prefixes_bucket, list(range(PREFIX_COUNT)))
+    assert storage.max_active <= MAX_LISTING_THREADS
+
+
+def test_failing_prefix_named(storage: Storage, prefixes_bucket: str) -> None:
+    sources = [f"s3://{prefixes_bucket}/p00/", "s3://no-such-bucket-either/photos/"]
+
+    with pytest.raises(SourceError, match="listing prefix 's3://no-such-bucket-either/photos/' failed"):
+        list(iter_sources(sources, storage, DEFAULT_IMAGE_EXTENSIONS))
+
+
+def test_mixed_sources_in_order(storage: Storage, prefixes_bucket: str, tmp_path: Path) -> None:
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("s3://photos/m.jpg\n", encoding="utf-8")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "f.png").write_bytes(b"x")
+    sources = [f"s3://{prefixes_bucket}/p05/", str(manifest), str(folder), f"s3://{prefixes_bucket}/p04/"]
+
+    uris = list(iter_sources(sources, storage, DEFAULT_IMAGE_EXTENSIONS))
+
+    assert uris == [*expected_uris(prefixes_bucket, [5]), "s3://photos/m.jpg", str(folder / "f.png"), *expected_uris(prefixes_bucket, [4])]
+
+
+def test_bad_manifest_fails_before_first_prefix_uri(storage: Storage, prefixes_bucket: str, tmp_path: Path) -> None:
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("s3://photos/a.jpg\nhttp://example.com/b.jpg\n", encoding="utf-8")
+    uris = iter_sources([f"s3://{prefixes_bucket}/p00/", str(manifest)], storage, DEFAULT_IMAGE_EXTENSIONS)
+
+    with pytest.raises(ManifestError, match="list.txt line 2"):
+        next(uris)
+
+
+def test_closing_early_stops_listing_threads(storage: Storage, many_keys_bucket: tuple[str, list[str]]) -> None:
+    bucket, _ = many_keys_bucket
+    uris = iter_sources([f"s3://{bucket}/many/img-0", f"s3://{bucket}/many/img-1", f"s3://{bucket}/many/img-2"], storage, DEFAULT_IMAGE_EXTENSIONS)
+
+    first = [next(uris) for _ in range(10)]
+    uris.close()
+
+    assert first[0] == f"s3://{bucket}/many/img-00000.jpg"
+    assert [thread.name for thread in threading.enumerate() if thread.name.startswith("clipfleet-list-")] == []
+
+
+def test_missing_folder_in_sources_fails_first(storage: Storage, prefixes_bucket: str, tmp_path: Path) -> None:
+    uris = iter_sources([f"s3://{prefixes_bucket}/p00/", str(tmp_path / "no-such-folder")], storage, DEFAULT_IMAGE_EXTENSIONS)
+
+    with pytest.raises(SourceError, match="no-such-folder"):
         next(uris)
