@@ -1,29 +1,34 @@
 """Result shards and the job summary in object storage.
 
-Layout: `{output}/{job_id}/part-{batch:06d}.jsonl`, one shard per batch, and `{output}/{job_id}/_SUCCESS.json`,
-written when every batch has finished, and written again at the end of each retry round.
+Layout: `{output}/{job_id}/part-{batch:06d}.jsonl` (or `.parquet` for a job with `format="parquet"`), one
+shard per batch, and `{output}/{job_id}/_SUCCESS.json`, written when every batch has finished, and written
+again at the end of each retry round. `producer.formats` encodes and decodes the shards.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from producer.constants import REDELIVERIES_FIELD, SHARD_NAME, STATE_CANCELLED, SUCCESS_MARKER
+from producer.constants import REDELIVERIES_FIELD, STATE_CANCELLED, SUCCESS_MARKER
 from producer.errors import StorageError
+from producer.formats import (
+    CONTENT_TYPES,
+    decode_shard,
+    encode_shard,
+    parse_shard_name,
+    shard_name,
+)
 from producer.spec import JobSpec
 from producer.state import JobStore, error_counts, giveup_counts, retry_counts
 from producer.storage import Storage, join_location
 
 logger = logging.getLogger(__name__)
-
-SHARD_NAME_RE = re.compile(r"^part-(\d{6,})\.jsonl$")
 
 
 def job_output(spec: JobSpec, job_id: str) -> str:
@@ -31,14 +36,18 @@ def job_output(spec: JobSpec, job_id: str) -> str:
 
 
 def shard_location(spec: JobSpec, job_id: str, batch: int) -> str:
-    return join_location(spec.output, job_id, SHARD_NAME.format(batch=batch))
+    return join_location(spec.output, job_id, shard_name(batch, spec.format))
 
 
 def write_shard(storage: Storage, spec: JobSpec, job_id: str, batch: int, rows: list[dict[str, Any]]) -> str:
-    """Write one batch's rows, replacing an earlier shard of the same batch. Idempotent. Returns the location."""
+    """Write one batch's rows in the job's format, replacing an earlier shard of the same batch. Idempotent.
+
+    Returns the location. Raises StorageError when the write fails, and ValueError when a Parquet job's row
+    does not match `producer.formats.RESULT_SCHEMA`.
+    """
     location = shard_location(spec, job_id, batch)
-    body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
-    storage.put_bytes(location, body, content_type="application/x-ndjson", job_id=job_id, batch=batch)
+    body = encode_shard(rows, spec.format)
+    storage.put_bytes(location, body, content_type=CONTENT_TYPES[spec.format], job_id=job_id, batch=batch)
     return location
 
 
@@ -49,22 +58,56 @@ def iter_results(storage: Storage, spec: JobSpec, job_id: str) -> Iterator[dict[
 
 
 def iter_shards(storage: Storage, spec: JobSpec, job_id: str) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """Yield `(batch, rows)` for each shard of a job in batch order, reading one shard at a time."""
+    """Yield `(batch, rows)` for each shard of a job in batch order, reading one shard at a time.
+
+    Reads shards of either format. Raises StorageError when a shard cannot be read or decoded, or when the
+    job's folder contains shards of both formats.
+    """
     folder = job_output(spec, job_id)
+    for batch, name in list_shards(storage, folder):
+        yield batch, read_rows(storage, join_location(folder, name))
+
+
+def list_shards(storage: Storage, folder: str) -> list[tuple[int, str]]:
+    """Return `(batch, file name)` of every shard directly in `folder`, sorted by batch number.
+
+    Raises StorageError naming the folder when it contains shards of both formats, since each job writes one.
+    """
+    shards: list[tuple[int, str]] = []
+    names_by_format: dict[str, str] = {}
     for name in storage.list_names(folder):
-        match = SHARD_NAME_RE.match(name)
-        if match:
-            yield int(match.group(1)), parse_shard(storage.get_bytes(join_location(folder, name)))
+        parsed = parse_shard_name(name)
+        if parsed is not None:
+            shards.append((parsed[0], name))
+            names_by_format.setdefault(parsed[1], name)
+    if len(names_by_format) > 1:
+        examples = " and ".join(sorted(names_by_format.values()))
+        raise StorageError(
+            f"result folder {folder!r} contains shards of both formats (such as {examples}); a job writes one format, "
+            "so move the shards that another job or tool wrote out of the folder"
+        )
+    # Sorted by number, because `part-1000000` sorts before `part-100001` as text.
+    return sorted(shards)
 
 
 def read_shard(storage: Storage, spec: JobSpec, job_id: str, batch: int) -> list[dict[str, Any]]:
-    """Return the rows of one batch's shard. Raises StorageError when it cannot be read, a missing shard included."""
-    return parse_shard(storage.get_bytes(shard_location(spec, job_id, batch)))
+    """Return the rows of one batch's shard, in the job's format. Raises StorageError when it cannot be read
+    or decoded, a missing shard included."""
+    return read_rows(storage, shard_location(spec, job_id, batch))
+
+
+def read_rows(storage: Storage, location: str) -> list[dict[str, Any]]:
+    """Return the rows of the shard at `location`, in either format. Raises StorageError naming the location."""
+    body = storage.get_bytes(location)
+    try:
+        return parse_shard(body)
+    except ValueError as e:
+        raise StorageError(f"shard {location!r} is not a valid result shard: {e}; remove or replace the file, or submit the job again") from e
 
 
 def parse_shard(body: bytes) -> list[dict[str, Any]]:
-    # Split at "\n" only: rows hold U+2028 and U+0085 unescaped, and str.splitlines splits at both.
-    return [json.loads(line) for line in body.decode().split("\n") if line]
+    """Return the rows of a JSONL or Parquet shard. Raises ValueError for bytes that are neither."""
+    return decode_shard(body)
 
 
 def count_rows(rows: Iterable[dict[str, Any]]) -> tuple[int, int, dict[str, int]]:
@@ -133,6 +176,7 @@ def build_summary(store: JobStore, job_id: str, finished_at: float) -> dict[str,
         "succeeded": int(fields["succeeded"]),
         "failed": int(fields["failed"]),
         "skipped": int(fields["skipped"]),
+        "skipped_existing": int(fields.get("skipped_existing") or 0),
         "errors": error_counts(fields),
         "retries": retries,
         "retries_total": sum(retries.values()),
@@ -144,6 +188,7 @@ def build_summary(store: JobStore, job_id: str, finished_at: float) -> dict[str,
         "labels": spec.label_names,
         "prompts": spec.prompts,
         "templates": spec.templates,
+        "top_k": spec.top_k,
         "source": spec.source,
         "output": job_output(spec, job_id),
         "created_at": _iso(float(fields["created_at"])),
