@@ -4,13 +4,18 @@ Counters are idempotent per batch: a batch that is delivered twice is counted on
 is added to a set and the counters move only when that set grows. Each update is one Lua script, so it
 is atomic even with many workers. What each batch added is kept per batch, so that a retry round can
 replace a batch's counts with those of its rewritten shard.
+
+The same scripts add a progress sample `"time:done"` (scored by time) to the job's progress set for
+each counted batch, from which `status` computes the rate over the last minute. In a retry round `done`
+is the round's count of re-classified images. Samples older than PROGRESS_KEEP_S are trimmed, and at most
+PROGRESS_MAX_SAMPLES are kept, so the set stays small however fast batches finish.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,15 +24,17 @@ import redis
 from producer.constants import (
     ERRORS_FIELD_PREFIX,
     FINAL_STATES,
+    GIVEUPS_FIELD_PREFIX,
     JOB_ATTEMPTS_KEY,
     JOB_BATCH_COUNTS_KEY,
     JOB_BATCHES_KEY,
     JOB_FINALIZED_KEY,
     JOB_KEY,
+    JOB_PRODUCER_KEY,
+    JOB_PROGRESS_KEY,
     JOB_ROUND_FINALIZED_KEY,
     JOBS_INDEX_KEY,
     REDELIVERIES_FIELD,
-    GIVEUPS_FIELD_PREFIX,
     RETRIES_FIELD_PREFIX,
     STATE_FAILED,
     STATE_QUEUED,
@@ -39,13 +46,36 @@ from producer.messages import check_job_id
 from producer.redis_client import make_redis
 from producer.spec import JobSpec
 
-# KEYS: job hash, batch set, batch counts hash. ARGV: batch number, succeeded, failed, now, batch counts as JSON
-# {"succeeded", "failed", "errors": {code: rows}}. Returns {1 if newly counted else 0, 1 if this call completed the job else 0}.
-_RECORD_BATCH = """
+# Age in seconds and maximum number of the progress samples kept per job. The rate needs only the last minute.
+PROGRESS_KEEP_S = 300
+PROGRESS_MAX_SAMPLES = 2000
+RATE_WINDOW_S = 60.0
+
+# Producer states that `JobStatus.producer` takes.
+PRODUCER_ENQUEUEING = "enqueueing"
+PRODUCER_DONE = "done"
+PRODUCER_STOPPED = "stopped"
+PRODUCER_LOST = "lost"
+
+# Defines add_sample for the scripts below: it adds the sample "now:done" to a progress set, then drops the
+# samples older than keep_s seconds before `now` and all but the newest max_samples.
+_ADD_SAMPLE = """
+local function add_sample(key, now, done, keep_s, max_samples)
+  redis.call('ZADD', key, now, now .. ':' .. done)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (tonumber(now) - tonumber(keep_s)))
+  redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(max_samples) + 1))
+end
+"""
+
+# KEYS: job hash, batch set, batch counts hash, progress set. ARGV: batch number, succeeded, failed, now,
+# batch counts as JSON {"succeeded", "failed", "errors": {code: rows}}, samples' keep seconds, max samples.
+# Returns {1 if newly counted else 0, 1 if this call completed the job else 0}.
+_RECORD_BATCH = _ADD_SAMPLE + """
 if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return {0, 0} end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {0, 0} end
-redis.call('HINCRBY', KEYS[1], 'succeeded', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'failed', ARGV[3])
+local succeeded = redis.call('HINCRBY', KEYS[1], 'succeeded', ARGV[2])
+local failed = redis.call('HINCRBY', KEYS[1], 'failed', ARGV[3])
+add_sample(KEYS[4], ARGV[4], succeeded + failed, ARGV[6], ARGV[7])
 for code, rows in pairs(cjson.decode(ARGV[5])['errors']) do
   redis.call('HINCRBY', KEYS[1], 'errors:' .. code, rows)
 end
@@ -84,10 +114,11 @@ return 0
 """
 
 # A retry batch replaces the counts its batch added before with the counts of its rewritten shard.
-# KEYS: job hash, batch set, batch counts hash. ARGV: member of the batch set ("round:batch"), batch number,
-# round, the batch's new counts as JSON, or "" to keep the old ones (its shard could not be rewritten).
+# KEYS: job hash, batch set, batch counts hash, progress set. ARGV: member of the batch set ("round:batch"),
+# batch number, round, the batch's new counts as JSON, or "" to keep the old ones (its shard could not be
+# rewritten), images re-classified, now, samples' keep seconds, max samples.
 # Returns {1 if newly counted else 0, 1 if this call finished the job's current round else 0}.
-_RECORD_RETRY_BATCH = """
+_RECORD_RETRY_BATCH = _ADD_SAMPLE + """
 if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return {0, 0} end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {0, 0} end
 local old_json = redis.call('HGET', KEYS[3], ARGV[2])
@@ -101,13 +132,16 @@ if ARGV[4] ~= '' and old_json then
   redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
 end
 if redis.call('HGET', KEYS[1], 'retry_round') ~= ARGV[3] then return {1, 0} end
+local images = redis.call('HINCRBY', KEYS[1], 'round_images_done', ARGV[5])
+add_sample(KEYS[4], ARGV[6], images, ARGV[7], ARGV[8])
 local finished = redis.call('HINCRBY', KEYS[1], 'round_batches_done', 1)
 if finished == tonumber(redis.call('HGET', KEYS[1], 'round_batches_total')) then return {1, 1} end
 return {1, 0}
 """
 
-# Starts the next retry round of a finished job whose every first-run batch was counted.
-# KEYS: job hash, batch counts hash. ARGV: the round the caller last read, batches in the new round, now,
+# Starts the next retry round of a finished job whose every first-run batch was counted, and empties the
+# progress set, whose samples count the images of the run before.
+# KEYS: job hash, batch counts hash, progress set. ARGV: the round the caller last read, batches in the new round, now,
 # then pairs of batch number and counts JSON, stored only for batches that have none yet.
 # Returns the new round, or -1 when the job is not succeeded or cancelled, -2 when its round changed since
 # the caller read it, -3 when some first-run batch never finished.
@@ -124,8 +158,9 @@ for i = 4, #ARGV, 2 do redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) end
 local finished_at = redis.call('HGET', KEYS[1], 'finished_at')
 if finished_at then redis.call('HSETNX', KEYS[1], 'first_finished_at', finished_at) end
 redis.call('HSET', KEYS[1], 'state', 'running', 'retry_round', round + 1, 'round_batches_total', ARGV[2],
-  'round_batches_done', '0', 'round_started_at', ARGV[3])
+  'round_batches_done', '0', 'round_images_done', '0', 'round_started_at', ARGV[3])
 redis.call('HDEL', KEYS[1], 'finished_at', 'error')
+redis.call('DEL', KEYS[3])
 return round + 1
 """
 
@@ -158,6 +193,17 @@ class JobStatus:
     kind of retried operation (such as `s3_get`) to its count, and `retries_total` sums them. `giveups` maps
     each kind to the operations whose retries ran out. `redeliveries` counts deliveries of a batch beyond
     its first. `retry_round` is 0 until `clipfleet retry` starts round 1.
+
+    `images_per_s` is the average rate since the first batch started. `images_per_s_last_minute` is the
+    rate over the progress samples of the last 60 s (in a retry round, of the round's re-classified
+    images), None with fewer than two samples in that window. `eta_s` uses the last minute's rate when
+    there is one, else the average, and is None while listing and in retry rounds.
+
+    `listing` is True until the producer has enqueued every batch, and `listed` counts the images it has
+    enqueued so far. `producer` is "enqueueing" while the job's producer lease key (JOB_PRODUCER_KEY)
+    exists, "done" once listing finished, "stopped" when the job ended before listing finished, and "lost"
+    when listing did not finish, the job has not ended and the lease key has expired: `clipfleet resume JOB`
+    then finishes enqueueing.
     """
 
     job_id: str
@@ -180,6 +226,12 @@ class JobStatus:
     giveups: dict[str, int] = field(default_factory=dict)
     round_batches_done: int = 0
     round_batches_total: int = 0
+    images_per_s_last_minute: float | None = None
+    listing: bool = False
+    listed: int = 0
+    producer: str = PRODUCER_DONE
+    source: str | list[str] | None = None
+    skipped_existing: int = 0  # images left out because earlier jobs classified them (`submit --skip-existing`)
 
     @property
     def succeeded(self) -> int:
@@ -213,7 +265,8 @@ class JobStore:
 
     def create(self, job_id: str, spec: JobSpec) -> None:
         fields = {
-            "spec": spec.model_dump_json(),
+            # Fields left at their defaults are left out, so workers from before a field existed still read the spec.
+            "spec": spec.model_dump_json(exclude_defaults=True),
             "state": STATE_QUEUED,
             "created_at": repr(time.time()),
             "listing_done": "0",
@@ -240,19 +293,33 @@ class JobStore:
         return bool(self._finish(keys=[_job_key(job_id)], args=[images, skipped, batches]))
 
     def record_batch(
-        self, job_id: str, batch: int, succeeded: int, failed: int, errors: Mapping[str, int] | None = None
+        self,
+        job_id: str,
+        batch: int,
+        succeeded: int,
+        failed: int,
+        errors: Mapping[str, int] | None = None,
+        now: float | None = None,
     ) -> tuple[bool, bool]:
         """Count a finished first-run batch once. Returns `(counted, completed_job)`; a repeat returns `(False, False)`.
 
         `errors` maps error codes to their numbers of rows in the batch, added to the `errors:<code>` counters.
+        A counted batch adds a progress sample at `now` (Unix seconds, the current time by default).
         """
         counts = batch_counts_json(succeeded, failed, errors or {})
-        keys = [_job_key(job_id), _job_key(job_id, JOB_BATCHES_KEY), _job_key(job_id, JOB_BATCH_COUNTS_KEY)]
-        counted, completed = self._record(keys=keys, args=[batch, succeeded, failed, repr(time.time()), counts])
+        keys = [_job_key(job_id), _job_key(job_id, JOB_BATCHES_KEY), _job_key(job_id, JOB_BATCH_COUNTS_KEY), _job_key(job_id, JOB_PROGRESS_KEY)]
+        args = [batch, succeeded, failed, _now_text(now), counts, PROGRESS_KEEP_S, PROGRESS_MAX_SAMPLES]
+        counted, completed = self._record(keys=keys, args=args)
         return bool(counted), bool(completed)
 
     def record_retry_batch(
-        self, job_id: str, batch: int, retry_round: int, counts: tuple[int, int, Mapping[str, int]] | None
+        self,
+        job_id: str,
+        batch: int,
+        retry_round: int,
+        counts: tuple[int, int, Mapping[str, int]] | None,
+        images: int = 0,
+        now: float | None = None,
     ) -> tuple[bool, bool]:
         """Count a finished batch of retry round `retry_round` once, and correct the job's counters.
 
@@ -261,11 +328,17 @@ class JobStore:
         from `failed` and its `errors:<code>` to `succeeded`. Pass None when the shard could not be rewritten:
         the batch then counts as done without changing the counters. Returns `(counted, completed_round)`;
         a repeat returns `(False, False)`, and so does a batch of a round other than the job's current one
-        for `completed_round`.
+        for `completed_round`. A batch of the current round adds `images`, the URIs it re-classified, to the
+        round's progress sample at `now` (Unix seconds, the current time by default).
         """
-        keys = [_job_key(job_id), _job_key(job_id, JOB_BATCHES_KEY), _job_key(job_id, JOB_BATCH_COUNTS_KEY)]
+        keys = [
+            _job_key(job_id), _job_key(job_id, JOB_BATCHES_KEY), _job_key(job_id, JOB_BATCH_COUNTS_KEY), _job_key(job_id, JOB_PROGRESS_KEY),
+        ]
         counts_json = "" if counts is None else batch_counts_json(*counts)
-        args = [_batch_member(batch, retry_round), batch, retry_round, counts_json]
+        args = [
+            _batch_member(batch, retry_round), batch, retry_round, counts_json, images, _now_text(now),
+            PROGRESS_KEEP_S, PROGRESS_MAX_SAMPLES,
+        ]
         counted, completed = self._record_retry(keys=keys, args=args)
         return bool(counted), bool(completed)
 
@@ -280,7 +353,8 @@ class JobStore:
         args: list[Any] = [seen_round, batches, repr(time.time())]
         for batch, counts in baseline.items():
             args.extend((batch, counts))
-        result = int(self._start_retry(keys=[_job_key(job_id), _job_key(job_id, JOB_BATCH_COUNTS_KEY)], args=args))
+        keys = [_job_key(job_id), _job_key(job_id, JOB_BATCH_COUNTS_KEY), _job_key(job_id, JOB_PROGRESS_KEY)]
+        result = int(self._start_retry(keys=keys, args=args))
         if result == -1:
             raise RetryNotStarted(
                 f"job {job_id} is {self.state(job_id)}: only a succeeded or cancelled job can be retried; "
@@ -373,42 +447,39 @@ class JobStore:
             raise JobNotFound(f"job {job_id!r} not found in Redis; check the id and CLIPFLEET_REDIS_URL")
         return {key.decode(): value.decode() for key, value in raw.items()}
 
-    def status(self, job_id: str) -> JobStatus:
-        fields = self._fields(job_id)
-        listing_done = fields["listing_done"] == "1"
-        total = int(fields["total"]) if listing_done else None
-        done = int(fields["succeeded"]) + int(fields["failed"])
-        started_at = _float_or_none(fields.get("started_at"))
-        finished_at = _float_or_none(fields.get("finished_at"))
-        # The rate is the first run's, because a retry round may start long after it ended.
-        images_per_s = _rate(done, started_at, _float_or_none(fields.get("first_finished_at")) or finished_at)
-        eta_s = None
-        retry_round = int(fields.get("retry_round", 0))
-        # A retry round re-runs images already counted in `done`, so no estimate is given for it.
-        if images_per_s and total is not None and fields["state"] == STATE_RUNNING and not retry_round:
-            eta_s = max(total - done, 0) / images_per_s
-        return JobStatus(
-            job_id=job_id,
-            state=fields["state"],
-            total=total,
-            done=done,
-            failed=int(fields["failed"]),
-            skipped=int(fields["skipped"]),
-            images_per_s=images_per_s,
-            eta_s=eta_s,
-            created_at=float(fields["created_at"]),
-            started_at=started_at,
-            finished_at=finished_at,
-            error=fields.get("error") or None,
-            errors=error_counts(fields),
-            retries=retry_counts(fields),
-            retries_total=sum(retry_counts(fields).values()),
-            giveups=giveup_counts(fields),
-            redeliveries=int(fields.get(REDELIVERIES_FIELD, 0)),
-            retry_round=retry_round,
-            round_batches_done=int(fields.get("round_batches_done", 0)),
-            round_batches_total=int(fields.get("round_batches_total", 0)),
-        )
+    def status(self, job_id: str, now: float | None = None) -> JobStatus:
+        """Return a snapshot of the job, read in one round trip. Raises JobNotFound.
+
+        `now` (Unix seconds, the current time by default) ends the window of the rate over the last minute.
+        """
+        status = self.statuses([job_id], now)[job_id]
+        if status is None:
+            raise JobNotFound(f"job {job_id!r} not found in Redis; check the id and CLIPFLEET_REDIS_URL")
+        return status
+
+    def statuses(self, job_ids: Sequence[str], now: float | None = None) -> dict[str, JobStatus | None]:
+        """Return the status of each job, None for a job that is not in Redis, read in one round trip.
+
+        Raises InvalidJobId for an id of another form.
+        """
+        now = time.time() if now is None else now
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(_job_key(job_id))
+                pipe.exists(_job_key(job_id, JOB_PRODUCER_KEY))
+                pipe.zrangebyscore(_job_key(job_id, JOB_PROGRESS_KEY), now - RATE_WINDOW_S, "+inf")
+            replies = pipe.execute()
+        statuses: dict[str, JobStatus | None] = {}
+        for index, job_id in enumerate(job_ids):
+            raw, producer_alive, samples = replies[3 * index: 3 * index + 3]
+            # A hash without a state holds only counters that a worker wrote after Redis lost the job (a
+            # restart without persistence), so the job is gone all the same.
+            if b"state" not in raw:
+                statuses[job_id] = None
+                continue
+            fields = {key.decode(): value.decode() for key, value in raw.items()}
+            statuses[job_id] = _status_from_fields(job_id, fields, bool(producer_alive), samples, now)
+        return statuses
 
     def listed(self, job_id: str) -> int:
         return int(self._fields(job_id)["listed"])
@@ -449,12 +520,108 @@ def _prefixed_counts(fields: Mapping[str, str], prefix: str) -> dict[str, int]:
     return {name: counts[name] for name in sorted(counts) if counts[name]}
 
 
+def _status_from_fields(
+    job_id: str, fields: Mapping[str, str], producer_alive: bool, samples: Sequence[bytes], now: float
+) -> JobStatus:
+    listing_done = fields["listing_done"] == "1"
+    total = int(fields["total"]) if listing_done else None
+    done = int(fields["succeeded"]) + int(fields["failed"])
+    started_at = _float_or_none(fields.get("started_at"))
+    finished_at = _float_or_none(fields.get("finished_at"))
+    # The average rate is the first run's, because a retry round may start long after it ended.
+    images_per_s = _rate(done, started_at, _float_or_none(fields.get("first_finished_at")) or finished_at or now)
+    last_minute = rate_from_samples(samples)
+    retry_round = int(fields.get("retry_round", 0))
+
+    eta_s = None
+    eta_rate = last_minute or images_per_s
+    # A retry round re-runs images already counted in `done`, so no estimate is given for it.
+    if eta_rate and total is not None and fields["state"] == STATE_RUNNING and not retry_round:
+        eta_s = max(total - done, 0) / eta_rate
+
+    retries = retry_counts(fields)
+    return JobStatus(
+        job_id=job_id,
+        state=fields["state"],
+        total=total,
+        done=done,
+        failed=int(fields["failed"]),
+        skipped=int(fields["skipped"]),
+        images_per_s=images_per_s,
+        eta_s=eta_s,
+        created_at=float(fields["created_at"]),
+        started_at=started_at,
+        finished_at=finished_at,
+        error=fields.get("error") or None,
+        errors=error_counts(fields),
+        retries=retries,
+        retries_total=sum(retries.values()),
+        giveups=giveup_counts(fields),
+        redeliveries=int(fields.get(REDELIVERIES_FIELD, 0)),
+        retry_round=retry_round,
+        round_batches_done=int(fields.get("round_batches_done", 0)),
+        round_batches_total=int(fields.get("round_batches_total", 0)),
+        images_per_s_last_minute=last_minute,
+        listing=not listing_done,
+        listed=int(fields.get("listed", 0)),
+        skipped_existing=int(fields.get("skipped_existing") or 0),
+        producer=_producer_state(fields["state"], listing_done, producer_alive),
+        source=_spec_source(fields.get("spec")),
+    )
+
+
+def _producer_state(state: str, listing_done: bool, producer_alive: bool) -> str:
+    if producer_alive:
+        return PRODUCER_ENQUEUEING
+    if listing_done:
+        return PRODUCER_DONE
+    return PRODUCER_STOPPED if state in FINAL_STATES else PRODUCER_LOST
+
+
+def _spec_source(spec_json: str | None) -> str | None:
+    """Return the spec's source, or its first source and how many more, without validating the whole spec.
+
+    Returns None when the spec cannot be read.
+    """
+    try:
+        source = json.loads(spec_json or "{}").get("source")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(source, list) and source and all(isinstance(item, str) for item in source):
+        return source[0] if len(source) == 1 else f"{source[0]} (and {len(source) - 1} more)"
+    return source if isinstance(source, str) else None
+
+
+def rate_from_samples(samples: Iterable[bytes | str]) -> float | None:
+    """Return images per second between the oldest and the newest of the progress samples `"time:done"`.
+
+    Returns None with fewer than two samples, when they span no time, or when `done` went down.
+    """
+    points = sorted(_parse_sample(sample) for sample in samples)
+    if len(points) < 2:
+        return None
+    (first_s, first_done), (last_s, last_done) = points[0], points[-1]
+    if last_s <= first_s or last_done < first_done:
+        return None
+    return (last_done - first_done) / (last_s - first_s)
+
+
+def _parse_sample(sample: bytes | str) -> tuple[float, int]:
+    text = sample.decode() if isinstance(sample, bytes) else sample
+    time_text, _, done_text = text.rpartition(":")
+    return float(time_text), int(done_text)
+
+
+def _now_text(now: float | None) -> str:
+    return repr(time.time() if now is None else float(now))
+
+
 def _float_or_none(value: str | None) -> float | None:
     return float(value) if value else None
 
 
-def _rate(done: int, started_at: float | None, finished_at: float | None) -> float | None:
+def _rate(done: int, started_at: float | None, finished_at: float) -> float | None:
     if not done or started_at is None:
         return None
-    elapsed_s = (finished_at or time.time()) - started_at
+    elapsed_s = finished_at - started_at
     return done / elapsed_s if elapsed_s > 0 else None

@@ -146,7 +146,7 @@ def test_cli_retry_summary_matches_rows(client: Client, cli_retried: dict[str, A
 
 
 def test_cli_status_shows_counters(cli_env: dict[str, str], cli_retried: dict[str, Any]) -> None:
-    result = clipfleet(cli_env, "status", cli_retried["job"].id)
+    result = clipfleet(cli_env, "status", cli_retried["job"].id, "--json")
     status = json.loads(result.stdout)
     assert result.returncode == 0, result.stderr
     assert status["errors"] == {}

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from producer.constants import FINAL_STATES, REDELIVERIES_FIELD, STATE_SUCCEEDED
 from producer.errors import JobNotFound, StorageError
+from producer.jobs import refresh_cancel_summary
 from producer.messages import BatchMessage
 from producer.results import count_rows, finalize_job, read_shard, replace_rows, write_shard
 from producer.settings import Settings
@@ -50,7 +51,8 @@ class BatchOutcome:
     job_id: str
     batch: int
     attempt: int
-    # "written", "skipped_done", "skipped_cancelled", "skipped_failed", "skipped_stale", "attempts_exceeded"
+    # "written", "skipped_done", "skipped_cancelled", "skipped_failed", "skipped_stale", "attempts_exceeded",
+    # or "abandoned_<state>" for a batch stopped mid-way because its job ended (see BatchAbandoned)
     status: str
     succeeded: int = 0
     failed: int = 0
@@ -102,8 +104,24 @@ def process_batch(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome
         runtime.store.fail(job_id, str(e))
         return BatchOutcome(job_id, batch, attempt, "skipped_failed")
     runtime.store.set_field_once(job_id, "model_revision", loaded.revision or "")
-    rows, durations = classify_uris(runtime, spec, loaded, message.uris, job_id=job_id, batch=batch)
+    try:
+        rows, durations = classify_uris(runtime, spec, loaded, message.uris, job_id=job_id, batch=batch)
+    except BatchAbandoned as e:
+        logger.info(
+            "Job %s batch %d attempt %d abandoned after %d of %d images: the job is %s; no shard written, batch not counted",
+            job_id, batch, attempt, e.images_read, len(message.uris), e.state,
+        )
+        return BatchOutcome(job_id, batch, attempt, f"abandoned_{e.state}")
     return _finish(runtime, spec, message, attempt, rows, "written", durations)
+
+
+class BatchAbandoned(Exception):
+    """The batch's job ended (such as cancelled) while the batch ran, so it stops without a shard or a count."""
+
+    def __init__(self, state: str, images_read: int) -> None:
+        super().__init__(f"job is {state} after {images_read} images of the batch")
+        self.state = state
+        self.images_read = images_read
 
 
 def _checked_spec(runtime: WorkerRuntime, job_id: str) -> JobSpec | None:
@@ -147,6 +165,9 @@ def _finish(
     durations["write"] = time.perf_counter() - started
     if completed:
         finalize_job(runtime.store, runtime.storage, message.job_id)
+    elif counted:
+        # A batch past its last cancel check may be counted after a cancel; its summary must include it.
+        refresh_cancel_summary(runtime.store, runtime.storage, message.job_id)
     succeeded, failed, _ = count_rows(rows)
     outcome = BatchOutcome(message.job_id, message.batch, attempt, status, succeeded, failed, durations)
     logger.info(
@@ -192,8 +213,8 @@ def _merge_and_record(
             raise
         # The last delivery ends the batch's round with its earlier rows and counts unchanged.
         logger.exception("Job %s batch %d: rewriting the shard failed; its earlier rows stay", job_id, batch)
-        return runtime.store.record_retry_batch(job_id, batch, message.retry_round, None)
-    return runtime.store.record_retry_batch(job_id, batch, message.retry_round, count_rows(merged))
+        return runtime.store.record_retry_batch(job_id, batch, message.retry_round, None, images=len(rows))
+    return runtime.store.record_retry_batch(job_id, batch, message.retry_round, count_rows(merged), images=len(rows))
 
 
 def classify_uris(
@@ -204,6 +225,9 @@ def classify_uris(
     The fetch threads work at most `prefetch_window` images ahead of the model, so memory does not grow
     with the number of images per task. `fetch`, `decode` and `preprocess` are summed over the fetch
     threads; `wait_images` and `model` are seconds of this thread.
+
+    With a `job_id`, the job's state is read from Redis before each model micro-batch, and BatchAbandoned
+    is raised once the job has ended (cancelled, failed, or finalized by another delivery).
     """
     label_embeddings = runtime.prompts.get(spec, loaded)  # [labels, dim]
     root = allowed_local_root(spec, runtime.settings)
@@ -219,20 +243,41 @@ def classify_uris(
         if pixels is not None:
             pending.append((index, pixels))
         if pending and (len(pending) == model_batch_size or index == len(uris) - 1):
+            if job_id is not None:
+                _stop_if_job_ended(runtime, job_id, futures, index + 1)
             with stages.timed("model"):
                 _score_pending(loaded, spec, label_embeddings, pending, uris, rows)
             pending = []
     return [row for row in rows if row is not None], stages.seconds
 
 
-def prefetch_in_order(pool: Executor, function: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[Future[R]]:
+def _stop_if_job_ended(runtime: WorkerRuntime, job_id: str, futures: Generator[Any, None, None], images_read: int) -> None:
+    """Raise BatchAbandoned, after closing `futures`, when the job ended or is gone. One Redis read."""
+    try:
+        state = runtime.store.state(job_id)
+    except JobNotFound:
+        state = "gone"
+    if state == "gone" or state in FINAL_STATES:
+        futures.close()
+        raise BatchAbandoned(state, images_read)
+
+
+def prefetch_in_order(
+    pool: Executor, function: Callable[[T], R], items: Iterable[T], window: int
+) -> Generator[Future[R], None, None]:
     """Yield one future of `function(item)` per item, in order, keeping at most `window` items submitted to
-    `pool` and not yet taken by the caller. The next item is submitted when the caller asks for the next future."""
+    `pool` and not yet taken by the caller. The next item is submitted when the caller asks for the next future.
+
+    Closing the generator cancels the submitted futures that have not started; running ones finish unread."""
     remaining = iter(items)
     futures = deque(pool.submit(function, item) for item in itertools.islice(remaining, window))
-    while futures:
-        yield futures.popleft()
-        futures.extend(pool.submit(function, item) for item in itertools.islice(remaining, 1))
+    try:
+        while futures:
+            yield futures.popleft()
+            futures.extend(pool.submit(function, item) for item in itertools.islice(remaining, 1))
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 def prefetch_window(settings: Settings) -> int:

@@ -137,7 +137,7 @@ def test_status_known_job_prints_json(cli_environment: str, capsys: pytest.Captu
     store.create("20260101-000000-0123abcd", build_spec(source="s3://photos/in/", labels=["cat"], output="s3://results/"))
     store.redis.close()
 
-    code = main(["status", "20260101-000000-0123abcd"])
+    code = main(["status", "20260101-000000-0123abcd", "--json"])
 
     assert code == 0
     printed = json.loads(capsys.readouterr().out)

@@ -22,13 +22,20 @@ from botocore.client import BaseClient
 from celery import Celery
 
 from producer.client import Client
-from producer.constants import JOB_KEY, JOBS_INDEX_KEY, TASK_CLASSIFY_BATCH
+from producer.constants import JOB_KEY, JOB_PRODUCER_KEY, JOB_PROGRESS_KEY, JOBS_INDEX_KEY, TASK_CLASSIFY_BATCH
 from producer.errors import InvalidJobSpec, JobNotFound, StorageError
 from producer.messages import BatchMessage
 from producer.queue import BatchSender, celery_config, make_celery
 from producer.settings import Settings
 from producer.spec import build_spec
-from producer.state import JobStatus, JobStore, RetryNotStarted, batch_counts_json
+from producer.state import (
+    PROGRESS_KEEP_S,
+    PROGRESS_MAX_SAMPLES,
+    JobStatus,
+    JobStore,
+    RetryNotStarted,
+    batch_counts_json,
+)
 from tests.conftest import TEST_QUEUE as QUEUE
 
 JOB_ID = "20260101-000000-0123abcd"
@@ -760,3 +767,188 @@ def test_status_shows_giveups(store: JobStore, job: str) -> None:
     status = store.status(job)
     assert status.giveups == {"s3_get": 3}
     assert status.retries == {"s3_get": 9}
+
+
+# --- Rate over the last minute, ETA and listing state ---------------------------------------------
+
+NOW = 1_800_000_000.0
+
+
+def progress_samples(redis_client: redis.Redis, job: str) -> list[str]:
+    return [member.decode() for member in redis_client.zrange(JOB_PROGRESS_KEY.format(job_id=job), 0, -1)]
+
+
+def test_record_adds_progress_sample(store: JobStore, redis_client: redis.Redis, job: str) -> None:
+    store.record_batch(job, 0, succeeded=60, failed=4, now=NOW)
+
+    assert progress_samples(redis_client, job) == [f"{NOW!r}:64"]
+
+
+def test_repeated_record_adds_no_sample(store: JobStore, redis_client: redis.Redis, job: str) -> None:
+    store.record_batch(job, 0, succeeded=60, failed=4, now=NOW)
+    store.record_batch(job, 0, succeeded=60, failed=4, now=NOW + 1)
+
+    assert len(progress_samples(redis_client, job)) == 1
+
+
+def test_rate_last_minute_from_samples(store: JobStore, job: str) -> None:
+    for batch, seconds_ago in enumerate((50, 30, 10)):
+        store.record_batch(job, batch, succeeded=100, failed=0, now=NOW - seconds_ago)
+
+    assert store.status(job, now=NOW).images_per_s_last_minute == pytest.approx(200 / 40)
+
+
+def test_rate_ignores_samples_before_last_minute(store: JobStore, job: str) -> None:
+    store.record_batch(job, 0, succeeded=100, failed=0, now=NOW - 120)
+    store.record_batch(job, 1, succeeded=100, failed=0, now=NOW - 20)
+    store.record_batch(job, 2, succeeded=60, failed=0, now=NOW - 10)
+
+    assert store.status(job, now=NOW).images_per_s_last_minute == pytest.approx(60 / 10)
+
+
+def test_rate_counts_failed_images(store: JobStore, job: str) -> None:
+    store.record_batch(job, 0, succeeded=10, failed=0, now=NOW - 20)
+    store.record_batch(job, 1, succeeded=5, failed=5, now=NOW - 10)
+
+    assert store.status(job, now=NOW).images_per_s_last_minute == pytest.approx(1.0)
+
+
+def test_rate_needs_two_samples(store: JobStore, job: str) -> None:
+    store.record_batch(job, 0, succeeded=100, failed=0, now=NOW - 10)
+
+    assert store.status(job, now=NOW).images_per_s_last_minute is None
+
+
+def test_rate_none_when_minute_empty(store: JobStore, job: str) -> None:
+    store.record_batch(job, 0, succeeded=100, failed=0, now=NOW - 200)
+    store.record_batch(job, 1, succeeded=100, failed=0, now=NOW - 100)
+
+    assert store.status(job, now=NOW).images_per_s_last_minute is None
+
+
+def test_average_rate_kept(store: JobStore, job: str) -> None:
+    store.record_batch(job, 0, succeeded=100, failed=0, now=NOW - 100)
+    store.record_batch(job, 1, succeeded=100, failed=0, now=NOW - 10)
+
+    assert store.status(job, now=NOW).images_per_s == pytest.approx(200 / 100)
+
+
+def test_eta_uses_last_minute_rate(store: JobStore, job: str) -> None:
+    store.finish_listing(job, images=1000, skipped=0, batches=10)
+    store.record_batch(job, 0, succeeded=100, failed=0, now=NOW - 300)
+    store.record_batch(job, 1, succeeded=100, failed=0, now=NOW - 40)
+    store.record_batch(job, 2, succeeded=100, failed=0, now=NOW - 20)
+
+    status = store.status(job, now=NOW)
+
+    assert status.images_per_s_last_minute == pytest.approx(5.0)
+    assert status.eta_s == pytest.approx((1000 - 300) / 5.0)
+
+
+def test_eta_falls_back_to_average(store: JobStore, job: str) -> None:
+    store.finish_listing(job, images=1000, skipped=0, batches=10)
+    store.record_batch(job, 0, succeeded=100, failed=0, now=NOW - 10)
+
+    status = store.status(job, now=NOW)
+
+    assert status.images_per_s == pytest.approx(10.0)
+    assert status.eta_s == pytest.approx((1000 - 100) / 10.0)
+
+
+def test_eta_none_while_listing(store: JobStore, job: str) -> None:
+    store.record_batch(job, 0, succeeded=100, failed=0, now=NOW - 20)
+    store.record_batch(job, 1, succeeded=100, failed=0, now=NOW - 10)
+
+    assert store.status(job, now=NOW).eta_s is None
+
+
+def test_old_samples_trimmed(store: JobStore, redis_client: redis.Redis, job: str) -> None:
+    store.record_batch(job, 0, succeeded=1, failed=0, now=NOW - PROGRESS_KEEP_S - 1)
+    store.record_batch(job, 1, succeeded=1, failed=0, now=NOW - PROGRESS_KEEP_S + 1)
+    store.record_batch(job, 2, succeeded=1, failed=0, now=NOW)
+
+    assert progress_samples(redis_client, job) == [f"{NOW - PROGRESS_KEEP_S + 1!r}:2", f"{NOW!r}:3"]
+
+
+def test_samples_capped(store: JobStore, redis_client: redis.Redis, job: str) -> None:
+    with redis_client.pipeline(transaction=False) as pipe:
+        for batch in range(PROGRESS_MAX_SAMPLES + 10):
+            store._record(
+                keys=[JOB_KEY.format(job_id=job), f"{JOB_KEY.format(job_id=job)}:batches",
+                      f"{JOB_KEY.format(job_id=job)}:batch_counts", JOB_PROGRESS_KEY.format(job_id=job)],
+                args=[batch, 1, 0, repr(NOW + batch / 1000), batch_counts_json(1, 0, {}), PROGRESS_KEEP_S, PROGRESS_MAX_SAMPLES],
+                client=pipe,
+            )
+        pipe.execute()
+
+    samples = progress_samples(redis_client, job)
+
+    assert len(samples) == PROGRESS_MAX_SAMPLES
+    assert samples[-1].endswith(f":{PROGRESS_MAX_SAMPLES + 10}")
+
+
+def test_retry_round_rate_counts_retried_images(store: JobStore, redis_client: redis.Redis, job: str) -> None:
+    finished_job(store, job)
+    store.start_retry(job, seen_round=0, batches=2, baseline={})
+    empty_after_start = progress_samples(redis_client, job)
+    store.record_retry_batch(job, 0, 1, (4, 0, {}), images=1, now=NOW - 20)
+    store.record_retry_batch(job, 1, 1, (4, 0, {}), images=2, now=NOW - 10)
+
+    status = store.status(job, now=NOW)
+
+    assert empty_after_start == []
+    assert status.images_per_s_last_minute == pytest.approx(2 / 10)
+    assert status.eta_s is None
+
+
+def test_stale_round_batch_adds_no_sample(store: JobStore, redis_client: redis.Redis, job: str) -> None:
+    finished_job(store, job)
+    store.start_retry(job, seen_round=0, batches=2, baseline={})
+    store.cancel(job)
+    store.start_retry(job, seen_round=1, batches=2, baseline={})
+
+    store.record_retry_batch(job, 0, 1, (4, 0, {}), images=1, now=NOW)
+
+    assert progress_samples(redis_client, job) == []
+
+
+def test_listing_job_without_producer_is_lost(store: JobStore, job: str) -> None:
+    store.add_listed(job, 64)
+
+    status = store.status(job)
+
+    assert status.listing is True
+    assert status.listed == 64
+    assert status.producer == "lost"
+
+
+def test_listing_job_with_producer_key(store: JobStore, redis_client: redis.Redis, job: str) -> None:
+    redis_client.set(JOB_PRODUCER_KEY.format(job_id=job), "token", ex=30)
+
+    assert store.status(job).producer == "enqueueing"
+
+
+def test_listed_job_producer_done(store: JobStore, job: str) -> None:
+    store.finish_listing(job, images=8, skipped=0, batches=2)
+
+    status = store.status(job)
+
+    assert status.listing is False
+    assert status.producer == "done"
+
+
+def test_cancelled_while_listing_producer_stopped(store: JobStore, job: str) -> None:
+    store.cancel(job)
+
+    assert store.status(job).producer == "stopped"
+
+
+def test_status_carries_source(store: JobStore, job: str) -> None:
+    assert store.status(job).source == "s3://photos/in/"
+
+
+def test_statuses_missing_job_is_none(store: JobStore, job: str) -> None:
+    statuses = store.statuses([job, "20260101-000000-ffffffff"])
+
+    assert statuses["20260101-000000-ffffffff"] is None
+    assert statuses[job] is not None
