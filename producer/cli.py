@@ -20,7 +20,16 @@ from pydantic import ValidationError
 
 from producer.client import Client, Job, check_error_codes, make_spec
 from producer.constants import FINAL_STATES
+from producer.enqueue import detached_log_path
 from producer.errors import ClipfleetError, InvalidJobSpec
+from producer.formats import SHARD_FORMATS
+from producer.jobs import (
+    JOB_STATES,
+    cancel_job,
+    format_jobs,
+    format_status,
+    status_dict,
+)
 from producer.redact import redact_url
 from producer.settings import Settings
 from producer.spec import JobSpec, local_root
@@ -121,10 +130,32 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="enqueue a job for the workers of CLIPFLEET_REDIS_URL")
     _add_job_arguments(submit)
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish and print its summary")
+    submit.add_argument(
+        "--detach", action="store_true",
+        help="return once the job exists and enqueue its batches from a background producer process (see --log-file)",
+    )
+    submit.add_argument("--log-file", type=Path, help="with --detach, where the background producer logs (default ~/.local/state/clipfleet/producer-JOB.log)")
+    submit.add_argument(
+        "--resume", action="store_true",
+        help="if Redis holds an earlier job with exactly this spec and output, run it again, enqueueing only the batches that have no shard",
+    )
+    submit.add_argument(
+        "--skip-existing", metavar="PREFIX",
+        help="leave out images that earlier jobs under this S3 prefix or folder classified without error, with the same model, labels, templates and top-k",
+    )
     submit.set_defaults(handler=cmd_submit)
 
+    resume = commands.add_parser("resume", help="continue enqueueing a job whose producer stopped, without sending any batch twice")
+    resume.add_argument("job_id", metavar="JOB")
+    resume.add_argument("--wait", action="store_true", help="wait for the job to finish and print its summary")
+    resume.add_argument("--detach", action="store_true", help="continue from a background producer process and return at once")
+    resume.add_argument("--log-file", type=Path, help="with --detach, where the background producer logs")
+    # The token of a lease handed over by `submit --detach` to the process it starts.
+    resume.add_argument("--lease-token", help=argparse.SUPPRESS)
+    resume.set_defaults(handler=cmd_resume)
+
     for name, handler, text in (
-        ("status", cmd_status, "print a job's state and counters as JSON"),
+        ("status", cmd_status, "print a job's state, counters, rate over the last minute and ETA"),
         ("wait", cmd_wait, "wait for a job to finish"),
         ("results", cmd_results, "print a job's result rows as JSON lines"),
         ("cancel", cmd_cancel, "cancel a job; workers drop its remaining batches"),
@@ -132,9 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("job_id", metavar="JOB")
         command.set_defaults(handler=handler)
+        if name == "status":
+            command.add_argument("--json", action="store_true", help="print the status as a JSON object")
         if name == "wait":
             command.add_argument("--timeout-s", type=float, default=None, help="give up after this many seconds")
-            command.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
+            progress = command.add_mutually_exclusive_group()
+            progress.add_argument("--progress", action="store_true", help="draw the progress line on stderr even when it is not a terminal")
+            progress.add_argument("--no-progress", action="store_true", help="do not draw a progress line")
+
+    jobs = commands.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--state", choices=JOB_STATES, default=None, help="list only jobs in this state")
+    jobs.add_argument("--limit", type=_positive_int, default=20, help="list at most this many jobs (default 20)")
+    jobs.add_argument("--json", action="store_true", help="print a JSON array of job statuses")
+    jobs.set_defaults(handler=cmd_jobs)
 
     retry = commands.add_parser("retry", help="enqueue the failed images of a finished job again and merge them into its results")
     retry.add_argument("job_id", metavar="JOB")
@@ -145,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--wait", action="store_true", help="wait for the retry to finish and print the job's summary")
     retry.add_argument("--timeout-s", type=float, default=None, help="with --wait, give up waiting after this many seconds")
     retry.set_defaults(handler=cmd_retry)
+
+    compact = commands.add_parser("compact", help="merge a finished job's shards into a few large files under OUTPUT/JOB_ID/compacted/")
+    compact.add_argument("job_id", metavar="JOB")
+    compact.add_argument("--target-size-mb", type=_positive_float, default=256.0, help="size at which a compacted file is closed, in MiB (default 256)")
+    compact.add_argument("--format", choices=SHARD_FORMATS, default=None, help="format of the compacted files (default: the job's format)")
+    compact.add_argument("--delete-shards", action="store_true", help="delete the shards once the files and _MANIFEST.json are written")
+    compact.set_defaults(handler=cmd_compact)
 
     worker = commands.add_parser("worker", help="start a Celery worker with production defaults")
     worker.add_argument("--concurrency", type=int, default=1, help="pool processes (default 1); several processes may share one GPU, see docs/benchmarks.md")
@@ -160,8 +208,32 @@ def _error_code_list(text: str) -> frozenset[str]:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from e
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number greater than 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from e
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
 def _add_job_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix/, a manifest (.txt .csv .jsonl), or a local folder")
+    command.add_argument(
+        "source", metavar="SOURCE", nargs="+",
+        help="one or more of: s3://bucket/prefix/, a manifest (.txt .csv .jsonl .parquet, text also .gz), "
+        "an S3 Inventory manifest.json, or a local folder; listed in the order given",
+    )
     labels = command.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated class names, for example cat,dog,car")
     labels.add_argument("--labels-file", type=Path, help="file with one class name per line, or a .json list or {label: [prompts]} mapping")
@@ -171,6 +243,7 @@ def _add_job_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--batch-size", type=int, help="images per task (default: CLIPFLEET_BATCH_SIZE, 64)")
     command.add_argument("--top-k", type=int, default=5, help="labels kept per image, best first (default 5)")
     command.add_argument("--extensions", help="comma-separated image extensions to list (default .jpg,.jpeg,.png,.webp,.gif,.bmp,.tif,.tiff)")
+    command.add_argument("--format", choices=SHARD_FORMATS, default="jsonl", help="result shard format: jsonl (default) or parquet")
 
 
 def read_labels(args: argparse.Namespace) -> list[str] | dict[str, list[str]]:
@@ -196,7 +269,7 @@ def _spec(settings: Settings, args: argparse.Namespace) -> JobSpec:
     extensions = args.extensions.split(",") if args.extensions else None
     return make_spec(
         settings,
-        source=args.source,
+        source=args.source[0] if len(args.source) == 1 else args.source,
         labels=read_labels(args),
         output=args.output,
         templates=args.templates,
@@ -204,6 +277,7 @@ def _spec(settings: Settings, args: argparse.Namespace) -> JobSpec:
         batch_size=args.batch_size,
         top_k=args.top_k,
         extensions=extensions,
+        format=args.format,
     )
 
 
@@ -254,7 +328,17 @@ def cmd_submit(args: argparse.Namespace, wait: bool = False) -> int:
     settings = Settings()
     spec = _spec(settings, args)  # invalid input fails before Redis is contacted
     client = Client(settings)
-    job = client.submit_spec(spec, on_created=lambda job_id: print(f"job {job_id} created; enqueueing its batches", file=sys.stderr))
+    job = client.submit_spec(
+        spec,
+        on_created=lambda job_id: print(f"job {job_id} created; enqueueing its batches", file=sys.stderr),
+        detach=getattr(args, "detach", False),
+        resume=getattr(args, "resume", False),
+        skip_existing=getattr(args, "skip_existing", None),
+        log_path=getattr(args, "log_file", None),
+    )
+    if getattr(args, "detach", False):
+        log_path = args.log_file or detached_log_path(job.id)
+        print(f"job {job.id}: a background producer enqueues its batches; log: {log_path}", file=sys.stderr)
     print(job.id)
     if wait or getattr(args, "wait", False):
         started = time.monotonic()
@@ -264,17 +348,46 @@ def cmd_submit(args: argparse.Namespace, wait: bool = False) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue enqueueing a job; with --wait, follow it and print the summary like `submit --wait`."""
+    client = Client(Settings())
+    job = client.resume(args.job_id, detach=args.detach, lease_token=args.lease_token, log_path=args.log_file)
+    if args.detach:
+        print(f"job {job.id}: a background producer continues enqueueing; log: {args.log_file or detached_log_path(job.id)}", file=sys.stderr)
+    print(job.id)
+    if not args.wait:
+        return 0
+    started = time.monotonic()
+    status = job.wait(progress=sys.stderr.isatty())
+    _print_summary(job, status, time.monotonic() - started)
+    return _exit_code(status)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    status = Client(Settings()).job(args.job_id).status()
-    print(json.dumps(_status_dict(status), indent=2))
+    job = Client(Settings()).job(args.job_id)
+    status = job.status()
+    if args.json:
+        print(json.dumps(_status_dict(status), indent=2))
+    else:
+        print(format_status(status, job.output))
     return 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     job = Client(Settings()).job(args.job_id)
-    status = job.wait(timeout_s=args.timeout_s, progress=not args.no_progress and sys.stderr.isatty())
+    progress = args.progress or (not args.no_progress and sys.stderr.isatty())
+    status = job.wait(timeout_s=args.timeout_s, progress=progress)
     print(json.dumps(_status_dict(status), indent=2))
     return _exit_code(status)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    statuses = Client(Settings()).jobs(limit=args.limit, state=args.state)
+    if args.json:
+        print(json.dumps([_status_dict(status) for status in statuses], indent=2))
+    else:
+        print(format_jobs(statuses))
+    return 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -285,14 +398,26 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    job = Client(Settings()).job(args.job_id)
-    if job.cancel():
-        print(f"cancelled {job.id}")
-        return 0
-    state = job.status().state
-    reason = f"had already ended ({state})" if state in FINAL_STATES else "has counted every batch and is finishing"
-    print(f"job {job.id} {reason}; nothing was cancelled", file=sys.stderr)
-    return EXIT_ERROR
+    """Cancel a job and print what it finished: images done of total, failed, and where the results are."""
+    client = Client(Settings())
+    job = client.job(args.job_id)
+    cancelled = cancel_job(client.store, client.storage, job.id)
+    if cancelled is None:
+        state = job.status().state
+        reason = f"had already ended ({state})" if state in FINAL_STATES else "has counted every batch and is finishing"
+        print(f"job {job.id} {reason}; nothing was cancelled", file=sys.stderr)
+        return EXIT_ERROR
+    summary = cancelled.summary
+    done = summary["succeeded"] + summary["failed"]
+    of_total = f"of {summary['total']:,} " if summary["total"] is not None else ""
+    listing = " (the total is unknown because the producer was still listing)" if summary["total"] is None else ""
+    print(f"cancelled {job.id}: {done:,} images done {of_total}with {summary['failed']:,} failed{listing}; workers drop the remaining batches")
+    print(f"  results so far: {summary['output']}")
+    if cancelled.written:
+        print(f"  summary: {cancelled.location}")
+    else:
+        print(f"  summary: writing {cancelled.location} failed; see the warning above", file=sys.stderr)
+    return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -309,6 +434,20 @@ def cmd_retry(args: argparse.Namespace) -> int:
     status = job.wait(timeout_s=args.timeout_s, progress=sys.stderr.isatty())
     _print_summary(job, status, time.monotonic() - started)
     return _exit_code(status)
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    """Compact a finished job's shards and print one line per file written."""
+    from producer.compact import compact_job
+
+    client = Client(Settings())
+    target_size_bytes = max(1, int(args.target_size_mb * 1024 * 1024))
+    compaction = compact_job(client.store, client.storage, args.job_id, target_size_bytes, args.format, args.delete_shards)
+    for item in compaction.files:
+        print(f"{item.location}\t{item.rows} rows\t{item.size_bytes} bytes\tbatches {item.first_batch}-{item.last_batch}")
+    deleted = f"; deleted {compaction.shards_deleted} shards" if args.delete_shards else ""
+    print(f"job {compaction.job_id}: {compaction.rows} rows in {len(compaction.files)} files, listed in {compaction.manifest}{deleted}", file=sys.stderr)
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -335,26 +474,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _status_dict(status: JobStatus) -> dict[str, Any]:
-    return {
-        "job_id": status.job_id,
-        "state": status.state,
-        "total": status.total,
-        "done": status.done,
-        "succeeded": status.succeeded,
-        "failed": status.failed,
-        "skipped": status.skipped,
-        "images_per_s": round(status.images_per_s, 2) if status.images_per_s else None,
-        "eta_s": round(status.eta_s, 1) if status.eta_s is not None else None,
-        "error": status.error,
-        "errors": status.errors,
-        "retries": status.retries,
-        "retries_total": status.retries_total,
-        "giveups": status.giveups,
-        "redeliveries": status.redeliveries,
-        "retry_round": status.retry_round,
-        "round_batches_done": status.round_batches_done,
-        "round_batches_total": status.round_batches_total,
-    }
+    return status_dict(status)
 
 
 def _print_summary(job: Job, status: JobStatus, elapsed_s: float) -> None:
@@ -365,7 +485,8 @@ def _print_summary(job: Job, status: JobStatus, elapsed_s: float) -> None:
     print(f"job {job.id}: {status.state}")
     if status.error:
         print(f"  error: {status.error}")
-    print(f"  images: {status.total or 0} total, {status.succeeded} classified, {status.failed} failed, {status.skipped} skipped (not images)")
+    already = f", {status.skipped_existing} classified by earlier jobs" if status.skipped_existing else ""
+    print(f"  images: {status.total or 0} total, {status.succeeded} classified, {status.failed} failed, {status.skipped} skipped (not images){already}")
     rate = f", {status.images_per_s:.1f} images/s from the first batch on" if status.images_per_s else ""
     print(f"  time: {elapsed_s:.1f} s in all{rate}")
     retries = ", ".join(f"{kind} {count}" for kind, count in status.retries.items())

@@ -4,30 +4,68 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import redis
 
-from producer.constants import ERROR_CODES, SHARD_NAME, STATE_CANCELLED, STATE_SUCCEEDED
+from producer.checkpoint import LeaseLost
+from producer.constants import (
+    CANCELLED_MARKER,
+    ERROR_CODES,
+    FINAL_STATES,
+    SHARD_NAMES,
+    STATE_CANCELLED,
+    STATE_SUCCEEDED,
+)
+from producer.enqueue import (
+    detached_log_path,
+    enqueue_listing,
+    index_spec,
+    job_for_spec,
+    restart_job,
+    spawn_producer,
+    spec_digest,
+)
 from producer.errors import ClipfleetError, InvalidJobSpec
+from producer.jobs import ProgressLine, cancel_job, list_jobs, refresh_cancel_summary
+from producer.lease import ProducerLease
 from producer.messages import BatchMessage, check_job_id
 from producer.queue import BatchSender, make_celery
 from producer.redact import redact_url
-from producer.results import count_rows, finalize_job, iter_results, iter_shards, job_output
+from producer.results import (
+    count_rows,
+    finalize_job,
+    iter_results,
+    iter_shards,
+    job_output,
+    list_shards,
+    read_shard,
+)
 from producer.settings import Settings
-from producer.sources import ListingStats, iter_source
+from producer.skip import ClassifiedUris
+from producer.sources import ListingStats, iter_sources
 from producer.spec import JobSpec, build_spec, check_job_size, find_long_prompts
 from producer.state import JobStatus, JobStore, RetryNotStarted, batch_counts_json
-from producer.storage import Storage
+from producer.storage import Storage, join_location
 
 logger = logging.getLogger(__name__)
 
 REDIS_OUTAGE_S = 60.0
+
+
+class ProducerBusy(ClipfleetError):
+    """Another producer holds the job's lease, so this one does not enqueue it."""
+
+
+class ResumeNotPossible(ClipfleetError):
+    """The job cannot be resumed in its state; the message says what to do instead."""
 
 
 class Client:
@@ -58,7 +96,7 @@ class Client:
 
     def submit(
         self,
-        source: str,
+        source: str | Sequence[str],
         labels: Sequence[str] | Mapping[str, Sequence[str]],
         output: str,
         templates: Sequence[str] | None = None,
@@ -66,67 +104,220 @@ class Client:
         batch_size: int | None = None,
         top_k: int = 5,
         extensions: Sequence[str] | None = None,
+        format: str = "jsonl",
+        *,
+        detach: bool = False,
+        resume: bool = False,
+        skip_existing: str | None = None,
     ) -> "Job":
-        """Validate a job, list its source and enqueue one task per batch. Returns once every batch is enqueued.
+        """Validate a job, list its sources and enqueue one task per batch. Returns once every batch is enqueued,
+        or with `detach`, once the job exists (see `submit_spec` for `detach`, `resume` and `skip_existing`).
 
         Raises InvalidJobSpec for an invalid spec, a bucket outside CLIPFLEET_ALLOWED_BUCKETS, more labels
         than CLIPFLEET_MAX_LABELS, an output that cannot be written or a malformed manifest line. Raises
         SourceError for a source that cannot be listed. Nothing is enqueued in any of these cases. Prompts
         longer than the model's text context are only logged as warnings.
         """
-        spec = make_spec(self.settings, source, labels, output, templates, model, batch_size, top_k, extensions)
-        return self.submit_spec(spec)
+        spec = make_spec(self.settings, source, labels, output, templates, model, batch_size, top_k, extensions, format)
+        return self.submit_spec(spec, detach=detach, resume=resume, skip_existing=skip_existing)
 
-    def submit_spec(self, spec: JobSpec, on_created: Callable[[str], None] | None = None) -> "Job":
+    def submit_spec(
+        self,
+        spec: JobSpec,
+        on_created: Callable[[str], None] | None = None,
+        *,
+        detach: bool = False,
+        resume: bool = False,
+        skip_existing: str | None = None,
+        log_path: Path | None = None,
+    ) -> "Job":
         """Enqueue a validated job; see `submit`. `on_created` is called with the job id as soon as the job
         exists in Redis, before its batches are enqueued, which can take long behind a full queue.
+
+        `detach`: return once the job exists, and enqueue its batches from a background producer process
+        that logs to `log_path` (see `detached_log_path`). `resume`: when Redis holds an earlier job with the
+        same spec, run that job again, enqueueing only its batches that have neither a shard nor a count (see
+        `resume`); without such a job, submit a new one. `skip_existing`: leave out the images that earlier jobs
+        under this prefix or folder classified without error, with the same model, prompts and top-k.
 
         Raises OutputNotWritable (a StorageError and an InvalidJobSpec) when the output is not writable.
         """
         self.storage.check_writable(spec.output)
+        if resume:
+            earlier = job_for_spec(self.store.redis, spec_digest(spec))
+            if earlier is not None:
+                logger.info("Job %s has the same spec; resuming it", earlier)
+                if on_created is not None:
+                    on_created(earlier)
+                return self.resume(earlier, restart=True, detach=detach, log_path=log_path)
         stats = ListingStats()
-        uris = iter_source(spec.source, self.storage, spec.extensions, stats, self.settings.allowed_buckets)
-        first = _first_or_none(uris)
+        uris, classified = self._listing(spec, stats, skip_existing)
+        first = _first_or_none(uris)  # a manifest is checked line by line before the job exists
         job_id = new_job_id()
+        lease = ProducerLease(self.store.redis, job_id, self.settings.producer_lease_s)
+        lease.acquire()  # before the job exists, so the job is never seen without its producer
         self.store.create(job_id, spec)
+        self.store.set_fields(job_id, skip_existing=skip_existing or "")
+        index_spec(self.store.redis, spec_digest(spec), job_id)
         logger.info("Job %s created: %s -> %s", job_id, spec.source, job_output(spec, job_id))
         if on_created is not None:
             on_created(job_id)
-        # NOTE: a producer killed with SIGKILL from here on leaves the job running forever; the user must
-        # cancel it and submit again.
+        if detach:
+            spawn_producer(job_id, lease.token, log_path or detached_log_path(job_id), self.settings)
+            return Job(self, job_id)
         remaining = itertools.chain([first], uris) if first is not None else iter(())
-        try:
-            batches = self._enqueue(job_id, spec, remaining)
-        except BaseException as e:
-            self.store.fail(job_id, f"enqueueing stopped ({_describe_stop(e)}); the batches already enqueued are dropped")
-            raise
-        if self.store.finish_listing(job_id, stats.listed, stats.skipped, batches):
-            finalize_job(self.store, self.storage, job_id)
-        logger.info(
-            "Job %s enqueued: %d images in %d batches, %d skipped, %d repeated manifest entries dropped",
-            job_id, stats.listed, batches, stats.skipped, stats.duplicates,
-        )
-        return Job(self, job_id)
+        return self._enqueue(job_id, spec, lease, remaining, stats, classified, start_batch=0)
+
+    def resume(
+        self,
+        job_id: str,
+        restart: bool = False,
+        detach: bool = False,
+        lease_token: str | None = None,
+        log_path: Path | None = None,
+    ) -> "Job":
+        """Continue enqueueing a job whose producer stopped (a crash, Ctrl-C, a lost machine).
+
+        The sources are listed again and the batches before the job's checkpoint are passed over, so no batch
+        is sent twice. With `restart`, a cancelled or failed job runs again: every batch that has no shard and
+        was not counted is enqueued, and a shard left uncounted is counted from its rows. Returns at once for
+        a job that has every batch enqueued or has succeeded. Raises ProducerBusy when another producer holds
+        the job, and ResumeNotPossible for a cancelled or failed job without `restart`.
+        """
+        fields = self.store.fields(job_id)
+        state = fields["state"]
+        if state == STATE_SUCCEEDED or (fields["listing_done"] == "1" and state not in FINAL_STATES):
+            logger.info("Job %s is %s with every batch enqueued; nothing to resume", job_id, state)
+            return Job(self, job_id)
+        if state in FINAL_STATES and not restart:
+            raise ResumeNotPossible(
+                f"job {job_id} is {state}, so its remaining batches were dropped; run it again with "
+                "`clipfleet submit --resume` and the same spec, which enqueues only the batches without results"
+            )
+        lease = ProducerLease(self.store.redis, job_id, self.settings.producer_lease_s, token=lease_token)
+        if not lease.acquire():
+            remaining_s = lease.remaining_s()
+            raise ProducerBusy(
+                f"job {job_id} is being enqueued by another producer; if that producer stopped, its claim expires "
+                f"in {remaining_s or 0:.0f} s and the job can be resumed then"
+            )
+        if detach:
+            spawn_producer(job_id, lease.token, log_path or detached_log_path(job_id), self.settings)
+            return Job(self, job_id)
+        spec = self.store.spec(job_id)
+        is_done = None
+        if restart:
+            self._restart(job_id, spec)
+            is_done = self._done_batches(job_id, spec)
+        stats = ListingStats()
+        uris, classified = self._listing(spec, stats, fields.get("skip_existing") or None)
+        start_batch = 0 if restart else int(fields.get("next_batch", 0))
+        self.store.set_fields(job_id, error="")
+        logger.info("Job %s: resuming enqueueing at batch %d", job_id, start_batch)
+        return self._enqueue(job_id, spec, lease, uris, stats, classified, start_batch, is_done)
+
+    def _listing(
+        self, spec: JobSpec, stats: ListingStats, skip_existing: str | None
+    ) -> tuple[Iterator[str], ClassifiedUris | None]:
+        """Return the job's image URIs as a stream, without those `skip_existing` finds classified already."""
+        uris = iter_sources(spec.sources, self.storage, spec.extensions, stats, self.settings.allowed_buckets)
+        if not skip_existing:
+            return uris, None
+        classified = ClassifiedUris.scan(self.storage, skip_existing, spec)
+        return classified.filter(uris), classified
+
+    def _restart(self, job_id: str, spec: JobSpec) -> None:
+        """Move a cancelled or failed job back to running, with its listing and checkpoint started over."""
+        restart_job(self.store.redis, job_id)
+        self.storage.delete(join_location(job_output(spec, job_id), CANCELLED_MARKER))
+
+    def _done_batches(self, job_id: str, spec: JobSpec) -> Callable[[int], bool]:
+        """Return a test for batches that need not run again: counted, or with a shard (which is then counted)."""
+        shards = {batch for batch, _ in list_shards(self.storage, job_output(spec, job_id))}
+
+        def is_done(batch: int) -> bool:
+            if self.store.is_batch_done(job_id, batch):
+                return True
+            if batch not in shards:
+                return False
+            succeeded, failed, errors = count_rows(read_shard(self.storage, spec, job_id, batch))
+            self.store.record_batch(job_id, batch, succeeded, failed, errors)
+            return True
+
+        return is_done
 
     def job(self, job_id: str) -> "Job":
         """Return the job with this id. Raises InvalidJobId for an id of another form, JobNotFound if Redis has no such job."""
         self.store.state(job_id)
         return Job(self, job_id)
 
-    def _enqueue(self, job_id: str, spec: JobSpec, uris: Iterator[str]) -> int:
-        sender = BatchSender(self._celery, self.settings.queue, self.settings.queue_high_water)
-        batch = 0
+    def jobs(self, limit: int = 20, state: str | None = None) -> list[JobStatus]:
+        """Return the statuses of up to `limit` jobs, newest first, only those in `state` when it is given.
+
+        Raises ValueError for a `limit` below 1 or an unknown state. See `producer.jobs.list_jobs`.
+        """
+        return list_jobs(self.store, limit=limit, state=state)
+
+    def _enqueue(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        lease: ProducerLease,
+        uris: Iterator[str],
+        stats: ListingStats,
+        classified: ClassifiedUris | None,
+        start_batch: int,
+        is_done: Callable[[int], bool] | None = None,
+    ) -> "Job":
+        """Publish the job's batches under `lease`, record the totals, and release the lease.
+
+        When enqueueing stops on an error or an interrupt, the batches sent stay queued and the job waits for
+        `clipfleet resume`; its `error` field says so.
+        """
+        lease.start_refreshing()
+        sender = BatchSender.for_settings(self._celery, self.settings)
         try:
-            while chunk := list(itertools.islice(uris, spec.batch_size)):
-                if self.store.state(job_id) == STATE_CANCELLED:
-                    logger.info("Job %s was cancelled; enqueueing stopped after %d batches", job_id, batch)
-                    break
-                sender.send(BatchMessage(job_id=job_id, batch=batch, uris=chunk))
-                self.store.add_listed(job_id, len(chunk))
-                batch += 1
+            outcome = enqueue_listing(
+                sender, lease, job_id, spec.batch_size, uris, start_batch, is_done or _never_done,
+                job_ended=lambda: self.store.state(job_id) in FINAL_STATES,
+            )
+            if not outcome.cancelled:
+                self._finish_listing(job_id, stats, classified, outcome.batches)
+        except LeaseLost:
+            raise
+        except BaseException as e:
+            self._record_stop(job_id, e)
+            raise
         finally:
             sender.close()
-        return batch
+            lease.release()
+        logger.info(
+            "Job %s enqueued: %d images in %d batches (%d sent now, %d passed over), %d skipped, %d already classified, "
+            "%d repeated manifest entries dropped, %.1f s paused by backpressure",
+            job_id, stats.listed, outcome.batches, outcome.sent, outcome.passed_over, stats.skipped,
+            classified.skipped if classified else 0, stats.duplicates, outcome.paused_s,
+        )
+        return Job(self, job_id)
+
+    def _finish_listing(self, job_id: str, stats: ListingStats, classified: ClassifiedUris | None, batches: int) -> None:
+        skipped_existing = classified.skipped if classified else 0
+        self.store.set_fields(job_id, skipped_existing=str(skipped_existing))
+        if self.store.finish_listing(job_id, stats.listed - skipped_existing, stats.skipped, batches):
+            finalize_job(self.store, self.storage, job_id)
+        # A job cancelled while listing gets its final totals in _CANCELLED.json.
+        refresh_cancel_summary(self.store, self.storage, job_id)
+
+    def _record_stop(self, job_id: str, error: BaseException) -> None:
+        """Note in the job why enqueueing stopped, and how to go on. Logs instead of raising a second error."""
+        message = (
+            f"enqueueing stopped ({_describe_stop(error)}); the batches already enqueued still run. "
+            f"Continue with `clipfleet resume {job_id}`, or stop the job with `clipfleet cancel {job_id}`"
+        )
+        try:
+            if self.store.state(job_id) not in FINAL_STATES:
+                self.store.set_fields(job_id, error=message)
+        except Exception:
+            logger.warning("Job %s: could not record why enqueueing stopped: %s", job_id, message, exc_info=True)
 
 
 @dataclass(frozen=True)
@@ -178,7 +369,7 @@ class Job:
         Raises TimeoutError when `timeout_s` passes first; the job keeps running.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        bar = _ProgressBar() if progress else None
+        bar = ProgressLine(sys.stderr) if progress else None
         try:
             while True:
                 status = self._status_through_outage(poll_s)
@@ -212,8 +403,12 @@ class Job:
         return iter_results(self.client.storage, self.spec, self.id)
 
     def cancel(self) -> bool:
-        """Stop the job: workers drop its remaining batches. Returns False if it had already ended."""
-        return self.client.store.cancel(self.id)
+        """Stop the job: workers drop its remaining batches and abandon running ones at their next model batch.
+
+        Writes `_CANCELLED.json` next to the shards (see `producer.jobs.cancel_job`). Returns False if the
+        job had already ended or is being finalized.
+        """
+        return cancel_job(self.client.store, self.client.storage, self.id) is not None
 
     def retry(self, codes: Collection[str] | None = None) -> RetryRound:
         """Enqueue the failed images of a finished job again, as a new retry round, and return at once.
@@ -267,7 +462,7 @@ class Job:
         batches_total = int(self.client.store.fields(self.id).get("batches_total", 0))
         missing = sorted(set(range(batches_total)) - found)
         if missing:
-            names = ", ".join(SHARD_NAME.format(batch=batch) for batch in missing[:5])
+            names = ", ".join(SHARD_NAMES[self.spec.format].format(batch=batch) for batch in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise RetryNotStarted(
                 f"job {self.id} has no shard for {len(missing)} of its {batches_total} batches ({names}{more}), "
@@ -277,7 +472,7 @@ class Job:
     def _enqueue_retry(self, retry_round: int, failed_uris: Mapping[int, list[str]]) -> None:
         """Send one task per batch. An error cancels the round, so a later `retry` can start again."""
         settings = self.client.settings
-        sender = BatchSender(self.client._celery, settings.queue, settings.queue_high_water)
+        sender = BatchSender.for_settings(self.client._celery, settings)
         try:
             for batch, uris in failed_uris.items():
                 if self.client.store.state(self.id) == STATE_CANCELLED:
@@ -290,24 +485,6 @@ class Job:
             raise
         finally:
             sender.close()
-
-
-class _ProgressBar:
-    def __init__(self) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(unit="img", dynamic_ncols=True, desc="classifying")
-
-    def update(self, status: JobStatus) -> None:
-        if status.total is not None and self._bar.total != status.total:
-            self._bar.total = status.total
-            self._bar.refresh()
-        self._bar.update(status.done - self._bar.n)
-        if status.failed:
-            self._bar.set_postfix(failed=status.failed, refresh=False)
-
-    def close(self) -> None:
-        self._bar.close()
 
 
 def check_error_codes(codes: Collection[str] | None) -> frozenset[str]:
@@ -335,9 +512,13 @@ def _first_or_none(items: Iterator[str]) -> str | None:
     return next(items, None)
 
 
+def _never_done(batch: int) -> bool:
+    return False
+
+
 def make_spec(
     settings: Settings,
-    source: str,
+    source: str | Sequence[str],
     labels: Sequence[str] | Mapping[str, Sequence[str]],
     output: str,
     templates: Sequence[str] | None = None,
@@ -345,13 +526,14 @@ def make_spec(
     batch_size: int | None = None,
     top_k: int = 5,
     extensions: Sequence[str] | None = None,
+    format: str = "jsonl",
 ) -> JobSpec:
     """Validate a job, filling unset fields from `settings`, and log a warning for each prompt the model truncates.
 
     Raises InvalidJobSpec naming each invalid field, more labels than CLIPFLEET_MAX_LABELS, or a bucket outside
     CLIPFLEET_ALLOWED_BUCKETS.
     """
-    spec = build_spec(**_spec_fields(settings, source, labels, output, templates, model, batch_size, top_k, extensions))
+    spec = build_spec(**_spec_fields(settings, source, labels, output, templates, model, batch_size, top_k, extensions), format=format)
     check_job_size(spec, settings.max_labels, settings.max_prompts)
     allowed = set(settings.allowed_buckets)
     outside = sorted(spec.buckets() - allowed) if allowed else []

@@ -6,6 +6,11 @@ from __future__ import annotations
 TASK_CLASSIFY_BATCH = "clipfleet.classify_batch"
 
 DEFAULT_QUEUE = "clipfleet"
+# Backpressure defaults (CLIPFLEET_QUEUE_LOW_WATER, _AHEAD_S, _MAX_TASKS): a paused producer resumes at half
+# the high-water mark, which keeps 180 s of the fleet's work queued, at most 10,000 tasks.
+DEFAULT_LOW_WATER = 0.5
+DEFAULT_AHEAD_S = 180.0
+DEFAULT_MAX_TASKS = 10_000
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -21,6 +26,12 @@ JOB_FINALIZED_KEY = KEY_PREFIX + "job:{job_id}:finalized"  # set once, by the pr
 # set once per retry round (1, 2, ...), by the process that rewrites _SUCCESS.json at the end of that round
 JOB_ROUND_FINALIZED_KEY = KEY_PREFIX + "job:{job_id}:finalized:{round}"
 JOBS_INDEX_KEY = KEY_PREFIX + "jobs"  # sorted set: job id scored by creation time
+# string with a TTL: the token of the producer process that is enqueueing the job, refreshed while it runs
+JOB_PRODUCER_KEY = KEY_PREFIX + "job:{job_id}:producer"
+# sorted set: progress samples "time:done" scored by time, for the rate over the last minute
+JOB_PROGRESS_KEY = KEY_PREFIX + "job:{job_id}:progress"
+# string: job id of the latest job with a given spec digest, so a resubmission can find it
+SPEC_INDEX_KEY = KEY_PREFIX + "spec:{digest}"
 PROMPT_CACHE_KEY = KEY_PREFIX + "prompts:{digest}"  # label embeddings, see workers.prompts
 
 # Image file extensions listed by default (compared case-insensitively).
@@ -60,7 +71,11 @@ STATE_FAILED = "failed"  # listing, the model or the output failed for the whole
 FINAL_STATES = (STATE_SUCCEEDED, STATE_CANCELLED, STATE_FAILED)
 
 SUCCESS_MARKER = "_SUCCESS.json"
-SHARD_NAME = "part-{batch:06d}.jsonl"
+# The summary of a cancelled job's partial results, rewritten as its last batches finish.
+CANCELLED_MARKER = "_CANCELLED.json"
+# Result shard file names by format (see producer.formats). SHARD_NAME is the default format's.
+SHARD_NAMES = {"jsonl": "part-{batch:06d}.jsonl", "parquet": "part-{batch:06d}.parquet"}
+SHARD_NAME = SHARD_NAMES["jsonl"]
 
 # Images per batch, the largest `batch_size` a job may set.
 MAX_BATCH_SIZE = 4096

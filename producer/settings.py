@@ -9,8 +9,13 @@ from urllib.parse import parse_qsl, urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from producer.constants import DEFAULT_MODEL, DEFAULT_QUEUE
-
+from producer.constants import (
+    DEFAULT_AHEAD_S,
+    DEFAULT_LOW_WATER,
+    DEFAULT_MAX_TASKS,
+    DEFAULT_MODEL,
+    DEFAULT_QUEUE,
+)
 
 # TLS query parameters of a rediss:// URL that redis-py 8 (`Redis.from_url`) and kombu 5.7 (Celery's Redis
 # broker) both read the same way. Both pass them to `redis.SSLConnection`.
@@ -111,7 +116,19 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(4, ge=1, le=20, description="Attempts per S3 image read or shard write, the first included. Transient errors (5xx, throttling, timeouts, dropped connections) are retried")
     retry_base_s: float = Field(0.2, ge=0, description="Base of the exponential backoff between S3 attempts, in seconds. Each wait is uniform in [0, base * 2^(failures-1)]")
     retry_max_s: float = Field(20.0, ge=0, description="No S3 retry starts later than this many seconds after the first attempt")
-    queue_high_water: int = Field(1000, ge=1, description="Producers pause while the queue contains this many tasks or more")
+    queue_high_water: int | Literal["auto"] = Field(
+        "auto",
+        description="Producers pause while the queue contains this many tasks or more; `auto` keeps about "
+        "CLIPFLEET_QUEUE_AHEAD_S seconds of the fleet's measured work queued, at most CLIPFLEET_QUEUE_MAX_TASKS",
+    )
+    queue_low_water: float = Field(
+        DEFAULT_LOW_WATER, gt=0, lt=1, description="A paused producer resumes once the queue is at or below this fraction of the high-water mark"
+    )
+    queue_ahead_s: float = Field(DEFAULT_AHEAD_S, gt=0, description="Seconds of fleet work the automatic high-water mark keeps queued")
+    queue_max_tasks: int = Field(DEFAULT_MAX_TASKS, ge=1, description="Largest automatic high-water mark, in tasks; bounds Redis memory")
+    producer_lease_s: float = Field(
+        30.0, ge=2, description="Seconds after a producer stops refreshing its claim on a job before `clipfleet resume` may take the job over"
+    )
     max_labels: int = Field(20_000, ge=1, description="Maximum number of labels in one job; submit rejects a job with more")
     max_prompts: int = Field(100_000, ge=1, description="Maximum number of prompts in one job, over all labels; submit rejects a job with more")
     log_level: str = "INFO"
@@ -139,6 +156,13 @@ class Settings(BaseSettings):
                 "the endpoint URL must not contain a user name or password; give credentials through "
                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile"
             )
+        return value
+
+    @field_validator("queue_high_water")
+    @classmethod
+    def _check_queue_high_water(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("use a number of tasks of at least 1, or auto")
         return value
 
     @field_validator("log_level")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from producer.client import Client, _describe_stop, make_spec
+from producer.constants import JOB_PRODUCER_KEY
 from producer.settings import Settings
 from producer.spec import JobSpec
 
@@ -40,17 +41,21 @@ def test_job_id_reported_before_enqueueing(redis_url: str, tmp_path: Path) -> No
 def test_interrupted_enqueue_recorded(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     client = Client(Settings(redis_url=redis_url))
 
-    def interrupt(*args: object) -> int:
+    def interrupt(*args: object, **kwargs: object) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(client, "_enqueue", interrupt)
+    monkeypatch.setattr("producer.client.enqueue_listing", interrupt)
     created: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         client.submit_spec(client_spec(client, tmp_path), on_created=created.append)
 
     status = client.job(created[0]).status()
-    assert status.state == "failed"
-    assert status.error == "enqueueing stopped (interrupted); the batches already enqueued are dropped"
+    assert status.state == "queued"
+    assert status.error == (
+        f"enqueueing stopped (interrupted); the batches already enqueued still run. Continue with "
+        f"`clipfleet resume {created[0]}`, or stop the job with `clipfleet cancel {created[0]}`"
+    )
+    assert not client.store.redis.exists(JOB_PRODUCER_KEY.format(job_id=created[0]))
 
 
 def client_spec(client: Client, tmp_path: Path) -> JobSpec:
