@@ -37,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import _images, _model, _stack  # noqa: E402
+from benchmarks._options import positive_float, positive_int  # noqa: E402
 
 TEMPLATE = "a photo of a {}."
 DEFAULT_MODEL_BATCH_SIZE = 32
@@ -54,19 +55,6 @@ GOAL_B_OVER_A = 0.85
 GOALS_B_OVER_C = {10: 2.0, 1000: 100.0}
 
 
-def positive_int(text: str) -> int:
-    """Parse a positive integer argument; argparse reports the ValueError with the option's name."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(text)
-    return value
 
 
 def positive_int_list(text: str) -> list[int]:
@@ -75,8 +63,6 @@ def positive_int_list(text: str) -> list[int]:
 
 
 # argparse names the expected type in its error message after "invalid ... value".
-positive_int.__name__ = "positive integer"
-positive_float.__name__ = "positive number"
 positive_int_list.__name__ = "comma-separated list of positive integers"
 
 
