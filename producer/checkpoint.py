@@ -20,7 +20,8 @@ from kombu.utils.json import dumps
 
 from producer.constants import FINAL_STATES, JOB_KEY, JOB_PRODUCER_KEY
 
-# KEYS: queue list, job hash, lease key. ARGV: message, batch, lease token, images listed up to this batch.
+# KEYS: queue list, job hash, lease key. ARGV: message, batch, lease token, images listed up to this batch,
+# digest of the listing up to this batch.
 # Returns 1 when pushed, 0 when the batch was pushed before, -1 when the lease is not held, -2 when the job
 # has ended (cancelled, failed or succeeded).
 _PUBLISH = """
@@ -30,7 +31,7 @@ if state == false or %s then return -2 end
 local next_batch = tonumber(redis.call('HGET', KEYS[2], 'next_batch') or '0')
 if next_batch > tonumber(ARGV[2]) then return 0 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], 'next_batch', tonumber(ARGV[2]) + 1, 'listed', ARGV[4])
+redis.call('HSET', KEYS[2], 'next_batch', tonumber(ARGV[2]) + 1, 'listed', ARGV[4], 'listing_digest', ARGV[5])
 return 1
 """ % " or ".join(f"state == '{state}'" for state in FINAL_STATES)
 
@@ -53,6 +54,7 @@ class PublishGuard:
     batch: int
     lease_token: str
     listed: int  # images in this batch and every batch before it
+    listing_digest: str = ""  # `ListingDigest` after this batch, so a later producer can check the listing is unchanged
     pushed: bool | None = None
 
     def keys(self) -> tuple[str, str]:
@@ -86,7 +88,8 @@ class CheckpointChannel(kombu_redis.Channel):
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         job_key, lease_key = guard.keys()
         with self.conn_or_acquire() as client:
-            result = int(client.eval(_PUBLISH, 3, key, job_key, lease_key, dumps(message), guard.batch, guard.lease_token, guard.listed))
+            arguments = (dumps(message), guard.batch, guard.lease_token, guard.listed, guard.listing_digest)
+            result = int(client.eval(_PUBLISH, 3, key, job_key, lease_key, *arguments))
         if result == -1:
             raise LeaseLost(f"job {guard.job_id}: this producer no longer holds the job's lease, so it stops enqueueing")
         if result == -2:

@@ -326,22 +326,40 @@ def _exit_code(status: JobStatus) -> int:
 
 def cmd_submit(args: argparse.Namespace, wait: bool = False) -> int:
     settings = Settings()
+    detach = getattr(args, "detach", False)
+    if getattr(args, "log_file", None) is not None and not detach:
+        raise InvalidJobSpec("--log-file applies only with --detach, where a background producer writes it")
     spec = _spec(settings, args)  # invalid input fails before Redis is contacted
     client = Client(settings)
-    job = client.submit_spec(
-        spec,
-        on_created=lambda job_id: print(f"job {job_id} created; enqueueing its batches", file=sys.stderr),
-        detach=getattr(args, "detach", False),
-        resume=getattr(args, "resume", False),
-        skip_existing=getattr(args, "skip_existing", None),
-        log_path=getattr(args, "log_file", None),
-    )
-    if getattr(args, "detach", False):
+    started = time.monotonic()
+    created: list[str] = []
+
+    def report_created(job_id: str) -> None:
+        created.append(job_id)
+        print(f"job {job_id}: enqueueing its batches", file=sys.stderr)
+
+    try:
+        job = client.submit_spec(
+            spec,
+            on_created=report_created,
+            detach=detach,
+            resume=getattr(args, "resume", False),
+            skip_existing=getattr(args, "skip_existing", None),
+            log_path=getattr(args, "log_file", None),
+        )
+    except KeyboardInterrupt:
+        if created:
+            print(
+                f"job {created[0]}: enqueueing interrupted; the batches already enqueued still run. Continue with "
+                f"`clipfleet resume {created[0]}`, or stop the job with `clipfleet cancel {created[0]}`",
+                file=sys.stderr,
+            )
+        raise
+    if detach:
         log_path = args.log_file or detached_log_path(job.id)
         print(f"job {job.id}: a background producer enqueues its batches; log: {log_path}", file=sys.stderr)
     print(job.id)
     if wait or getattr(args, "wait", False):
-        started = time.monotonic()
         status = job.wait(progress=sys.stderr.isatty())
         _print_summary(job, status, time.monotonic() - started)
         return _exit_code(status)

@@ -25,6 +25,8 @@ from producer.constants import (
     STATE_SUCCEEDED,
 )
 from producer.enqueue import (
+    ListingCheckpoint,
+    check_log_path,
     detached_log_path,
     enqueue_listing,
     index_spec,
@@ -32,28 +34,36 @@ from producer.enqueue import (
     restart_job,
     spawn_producer,
     spec_digest,
+    verify_listing,
 )
-from producer.errors import ClipfleetError, InvalidJobSpec
+from producer.errors import ClipfleetError, InvalidJobSpec, SourceError
 from producer.jobs import ProgressLine, cancel_job, list_jobs, refresh_cancel_summary
 from producer.lease import ProducerLease
 from producer.messages import BatchMessage, check_job_id
 from producer.queue import BatchSender, make_celery
 from producer.redact import redact_url
 from producer.results import (
+    ShardBitmap,
     count_rows,
     finalize_job,
     iter_results,
     iter_shards,
     job_output,
-    list_shards,
     read_shard,
 )
 from producer.settings import Settings
-from producer.skip import ClassifiedUris
-from producer.sources import ListingStats, iter_sources
+from producer.skip import ClassifiedUris, check_skip_existing
+from producer.sources import ListingStats, is_read_at_submit, iter_sources
 from producer.spec import JobSpec, build_spec, check_job_size, find_long_prompts
-from producer.state import JobStatus, JobStore, RetryNotStarted, batch_counts_json
+from producer.state import (
+    PRODUCER_LOST,
+    JobStatus,
+    JobStore,
+    RetryNotStarted,
+    batch_counts_json,
+)
 from producer.storage import Storage, join_location
+from producer.uris import is_s3_uri, parse_s3_uri
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +72,10 @@ REDIS_OUTAGE_S = 60.0
 
 class ProducerBusy(ClipfleetError):
     """Another producer holds the job's lease, so this one does not enqueue it."""
+
+
+class ProducerLost(ClipfleetError):
+    """A job's listing is unfinished and no producer is enqueueing it, so waiting for it would never end."""
 
 
 class ResumeNotPossible(ClipfleetError):
@@ -143,6 +157,9 @@ class Client:
         Raises OutputNotWritable (a StorageError and an InvalidJobSpec) when the output is not writable.
         """
         self.storage.check_writable(spec.output)
+        if skip_existing is not None:
+            skip_existing = check_skip_existing(skip_existing)
+        self._check_prefixes_listable(spec)
         if resume:
             earlier = job_for_spec(self.store.redis, spec_digest(spec))
             if earlier is not None:
@@ -150,10 +167,13 @@ class Client:
                 if on_created is not None:
                     on_created(earlier)
                 return self.resume(earlier, restart=True, detach=detach, log_path=log_path)
+        job_id = new_job_id()
+        log_path = log_path or detached_log_path(job_id)
+        if detach:
+            check_log_path(log_path)
         stats = ListingStats()
         uris, classified = self._listing(spec, stats, skip_existing)
         first = _first_or_none(uris)  # a manifest is checked line by line before the job exists
-        job_id = new_job_id()
         lease = ProducerLease(self.store.redis, job_id, self.settings.producer_lease_s)
         lease.acquire()  # before the job exists, so the job is never seen without its producer
         self.store.create(job_id, spec)
@@ -163,7 +183,7 @@ class Client:
         if on_created is not None:
             on_created(job_id)
         if detach:
-            spawn_producer(job_id, lease.token, log_path or detached_log_path(job_id), self.settings)
+            spawn_producer(job_id, lease.token, log_path, self.settings)
             return Job(self, job_id)
         remaining = itertools.chain([first], uris) if first is not None else iter(())
         return self._enqueue(job_id, spec, lease, remaining, stats, classified, start_batch=0)
@@ -194,6 +214,15 @@ class Client:
                 f"job {job_id} is {state}, so its remaining batches were dropped; run it again with "
                 "`clipfleet submit --resume` and the same spec, which enqueues only the batches without results"
             )
+        log_path = log_path or detached_log_path(job_id)
+        if detach:
+            check_log_path(log_path)
+        spec = self.store.spec(job_id)
+        checkpoint = ListingCheckpoint.from_fields(fields)
+        if restart and checkpoint is not None:
+            # Batches before the checkpoint that never finished are sent again, so the listing is checked first.
+            uris, _ = self._listing(spec, ListingStats(), fields.get("skip_existing") or None)
+            verify_listing(uris, spec.batch_size, checkpoint, job_id)
         lease = ProducerLease(self.store.redis, job_id, self.settings.producer_lease_s, token=lease_token)
         if not lease.acquire():
             remaining_s = lease.remaining_s()
@@ -201,20 +230,32 @@ class Client:
                 f"job {job_id} is being enqueued by another producer; if that producer stopped, its claim expires "
                 f"in {remaining_s or 0:.0f} s and the job can be resumed then"
             )
-        if detach:
-            spawn_producer(job_id, lease.token, log_path or detached_log_path(job_id), self.settings)
-            return Job(self, job_id)
-        spec = self.store.spec(job_id)
-        is_done = None
         if restart:
             self._restart(job_id, spec)
-            is_done = self._done_batches(job_id, spec)
+        if detach:
+            # The background producer resumes the job as it now is: running, from its first batch.
+            spawn_producer(job_id, lease.token, log_path, self.settings)
+            return Job(self, job_id)
+        is_done = self._done_batches(job_id, spec)
         stats = ListingStats()
         uris, classified = self._listing(spec, stats, fields.get("skip_existing") or None)
         start_batch = 0 if restart else int(fields.get("next_batch", 0))
         self.store.set_fields(job_id, error="")
-        logger.info("Job %s: resuming enqueueing at batch %d", job_id, start_batch)
-        return self._enqueue(job_id, spec, lease, uris, stats, classified, start_batch, is_done)
+        logger.info("Job %s: enqueueing from batch %d", job_id, start_batch)
+        return self._enqueue(job_id, spec, lease, uris, stats, classified, start_batch, is_done, None if restart else checkpoint)
+
+    def _check_prefixes_listable(self, spec: JobSpec) -> None:
+        """List one key of each S3 prefix source, so a missing bucket or a denied listing fails before the job exists.
+
+        Raises SourceError naming the prefix.
+        """
+        for source in spec.sources:
+            if is_s3_uri(source) and not is_read_at_submit(source):
+                prefix = parse_s3_uri(source)
+                try:
+                    self.storage.client.list_objects_v2(Bucket=prefix.bucket, Prefix=prefix.key, MaxKeys=1)
+                except Storage.client_errors() as e:
+                    raise SourceError(f"source {source!r} cannot be listed: {e}") from e
 
     def _listing(
         self, spec: JobSpec, stats: ListingStats, skip_existing: str | None
@@ -233,7 +274,7 @@ class Client:
 
     def _done_batches(self, job_id: str, spec: JobSpec) -> Callable[[int], bool]:
         """Return a test for batches that need not run again: counted, or with a shard (which is then counted)."""
-        shards = {batch for batch, _ in list_shards(self.storage, job_output(spec, job_id))}
+        shards = ShardBitmap.of_folder(self.storage, job_output(spec, job_id))
 
         def is_done(batch: int) -> bool:
             if self.store.is_batch_done(job_id, batch):
@@ -268,6 +309,7 @@ class Client:
         classified: ClassifiedUris | None,
         start_batch: int,
         is_done: Callable[[int], bool] | None = None,
+        checkpoint: ListingCheckpoint | None = None,
     ) -> "Job":
         """Publish the job's batches under `lease`, record the totals, and release the lease.
 
@@ -279,7 +321,7 @@ class Client:
         try:
             outcome = enqueue_listing(
                 sender, lease, job_id, spec.batch_size, uris, start_batch, is_done or _never_done,
-                job_ended=lambda: self.store.state(job_id) in FINAL_STATES,
+                job_ended=lambda: self.store.state(job_id) in FINAL_STATES, checkpoint=checkpoint,
             )
             if not outcome.cancelled:
                 self._finish_listing(job_id, stats, classified, outcome.batches)
@@ -366,7 +408,8 @@ class Job:
         """Block until the job succeeds, fails or is cancelled, and return its final status.
 
         `on_poll` is called with each status read, for callers that supervise processes while waiting.
-        Raises TimeoutError when `timeout_s` passes first; the job keeps running.
+        Raises TimeoutError when `timeout_s` passes first; the job keeps running. Raises ProducerLost when the
+        job's listing is unfinished and no producer holds its lease, because it would then never finish.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         bar = ProgressLine(sys.stderr) if progress else None
@@ -379,6 +422,8 @@ class Job:
                     on_poll(status)
                 if status.is_final:
                     return status
+                if status.producer == PRODUCER_LOST:
+                    raise ProducerLost(_lost_message(status))
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"job {self.id} still {status.state} after {timeout_s} s ({status.done} images done)")
                 time.sleep(poll_s)
@@ -514,6 +559,16 @@ def _first_or_none(items: Iterator[str]) -> str | None:
 
 def _never_done(batch: int) -> bool:
     return False
+
+
+def _lost_message(status: JobStatus) -> str:
+    """Describe a job whose producer is gone: the error it recorded, or what to do."""
+    if status.error:
+        return f"job {status.job_id}: {status.error}"
+    return (
+        f"job {status.job_id} is {status.state}, but no producer is enqueueing its batches; continue with "
+        f"`clipfleet resume {status.job_id}` or stop it with `clipfleet cancel {status.job_id}`"
+    )
 
 
 def make_spec(

@@ -23,6 +23,7 @@ import redis
 
 from producer.checkpoint import JobEnded, LeaseLost, PublishGuard
 from producer.constants import JOB_KEY, SPEC_INDEX_KEY
+from producer.errors import ClipfleetError, InvalidJobSpec
 from producer.lease import ProducerLease
 from producer.messages import BatchMessage
 from producer.queue import BatchSender
@@ -46,6 +47,61 @@ return 0
 PROGRESS_LOG_INTERVAL_S = 30.0
 
 
+class SourceChanged(ClipfleetError):
+    """The sources no longer list the images that the job's batches were cut from, so resuming would lose
+    some images and classify others twice."""
+
+
+class ListingDigest:
+    """A running BLAKE2b digest of a listing, batch by batch, so two listings can be compared at any batch."""
+
+    def __init__(self) -> None:
+        self.value = ""
+
+    def add(self, uris: list[str]) -> str:
+        body = "\n".join(uris).encode("utf-8", "surrogatepass")
+        self.value = hashlib.blake2b(self.value.encode() + b"|" + body, digest_size=16).hexdigest()
+        return self.value
+
+
+@dataclass(frozen=True)
+class ListingCheckpoint:
+    """The last batch an earlier producer published, and the listing digest up to it."""
+
+    batch: int
+    digest: str
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> "ListingCheckpoint | None":
+        """Read the checkpoint of a job hash; None when nothing was published or the job predates digests."""
+        next_batch = int(fields.get("next_batch", 0))
+        digest = fields.get("listing_digest", "")
+        return cls(next_batch - 1, digest) if next_batch > 0 and digest else None
+
+    def check(self, batch: int, digest: str, job_id: str) -> None:
+        """Raise SourceChanged when the listing differs from the earlier one at this checkpoint's batch."""
+        if batch == self.batch and digest != self.digest:
+            raise SourceChanged(_changed_message(job_id, self.batch))
+
+
+def _changed_message(job_id: str, batch: int) -> str:
+    return (
+        f"job {job_id}: its sources no longer list the same images in batches 0 to {batch}, so continuing would "
+        f"lose some images and classify others twice. Cancel it (`clipfleet cancel {job_id}`) and submit the job "
+        "again with `--skip-existing OUTPUT`, which leaves out the images it classified"
+    )
+
+
+def verify_listing(uris: Iterator[str], batch_size: int, checkpoint: ListingCheckpoint, job_id: str) -> None:
+    """List up to `checkpoint`'s batch without sending anything, and raise SourceChanged when the listing differs."""
+    digest = ListingDigest()
+    for batch in range(checkpoint.batch + 1):
+        chunk = list(itertools.islice(uris, batch_size))
+        if not chunk:
+            raise SourceChanged(_changed_message(job_id, checkpoint.batch))
+        checkpoint.check(batch, digest.add(chunk), job_id)
+
+
 @dataclass
 class EnqueueOutcome:
     """Counts of one enqueueing run. `batches` counts every batch of the listing, sent now or earlier."""
@@ -66,12 +122,13 @@ def enqueue_listing(
     start_batch: int,
     is_done: Callable[[int], bool] = lambda batch: False,
     job_ended: Callable[[], bool] = lambda: False,
+    checkpoint: ListingCheckpoint | None = None,
 ) -> EnqueueOutcome:
     """Publish the batches of `uris` numbered `start_batch` and above for which `is_done` is False.
 
     Stops early and returns `cancelled=True` when the job ends meanwhile (a cancel), which `job_ended` also
     reports while the producer waits for room in the queue. Raises LeaseLost when another producer took
-    the job over. Listing and Redis errors propagate. Every batch sent before an error stays in the queue and
+    the job over, and SourceChanged when the listing differs from `checkpoint`'s. Listing and Redis errors propagate. Every batch sent before an error stays in the queue and
     in the checkpoint.
     """
     batch = sent = passed_over = listed = 0
@@ -83,8 +140,12 @@ def enqueue_listing(
         if job_ended():
             raise JobEnded(f"job {job_id} ended while its producer waited for room in the queue")
 
+    digest = ListingDigest()
     while chunk := list(itertools.islice(uris, batch_size)):
         listed += len(chunk)
+        digest.add(chunk)
+        if checkpoint is not None:
+            checkpoint.check(batch, digest.value, job_id)
         if batch < start_batch or is_done(batch):
             passed_over += 1
         else:
@@ -92,7 +153,7 @@ def enqueue_listing(
                 raise LeaseLost(f"job {job_id}: the producer lease was lost, so this producer stops enqueueing")
             try:
                 message = BatchMessage(job_id=job_id, batch=batch, uris=chunk)
-                if sender.send(message, PublishGuard(job_id, batch, lease.token, listed), stop_waiting):
+                if sender.send(message, PublishGuard(job_id, batch, lease.token, listed, digest.value), stop_waiting):
                     sent += 1
                 else:
                     passed_over += 1
@@ -103,6 +164,8 @@ def enqueue_listing(
         if time.monotonic() - last_log >= PROGRESS_LOG_INTERVAL_S:
             last_log = time.monotonic()
             logger.info("Job %s: %d images listed, %d batches sent so far", job_id, listed, sent)
+    if checkpoint is not None and batch <= checkpoint.batch:
+        raise SourceChanged(_changed_message(job_id, checkpoint.batch))
     return EnqueueOutcome(batch, sent, passed_over, False, sender.paused_s)
 
 
@@ -144,6 +207,16 @@ def spawn_producer(job_id: str, lease_token: str, log_path: Path, settings: Sett
         )
     logger.info("Job %s: detached producer started, process %d, log %s", job_id, process.pid, log_path)
     return process.pid
+
+
+def check_log_path(log_path: Path) -> None:
+    """Create the log file's folder and open the file for appending. Raises InvalidJobSpec when that fails."""
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab"):
+            pass
+    except OSError as e:
+        raise InvalidJobSpec(f"--log-file {str(log_path)!r} cannot be written: {e.strerror}; choose a writable path") from e
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:

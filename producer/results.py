@@ -90,6 +90,35 @@ def list_shards(storage: Storage, folder: str) -> list[tuple[int, str]]:
     return sorted(shards)
 
 
+class ShardBitmap:
+    """The batch numbers that have a shard in a job's folder, one bit each, so memory is one byte per 8 batches."""
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+
+    @classmethod
+    def of_folder(cls, storage: Storage, folder: str) -> "ShardBitmap":
+        """Read the shard names of `folder` (an S3 prefix or a local folder) as a stream. Raises StorageError."""
+        bitmap = cls()
+        for name in storage.iter_names(folder):
+            parsed = parse_shard_name(name)
+            if parsed is not None:
+                bitmap.add(parsed[0])
+        return bitmap
+
+    def add(self, batch: int) -> None:
+        index, bit = divmod(batch, 8)
+        if index >= len(self._bits):
+            self._bits.extend(bytes(index + 1 - len(self._bits)))
+        self._bits[index] |= 1 << bit
+
+    def __contains__(self, batch: object) -> bool:
+        if not isinstance(batch, int) or batch < 0:
+            return False
+        index, bit = divmod(batch, 8)
+        return index < len(self._bits) and bool(self._bits[index] & (1 << bit))
+
+
 def read_shard(storage: Storage, spec: JobSpec, job_id: str, batch: int) -> list[dict[str, Any]]:
     """Return the rows of one batch's shard, in the job's format. Raises StorageError when it cannot be read
     or decoded, a missing shard included."""

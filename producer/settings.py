@@ -158,12 +158,19 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("queue_high_water")
+    @field_validator("queue_high_water", mode="before")
     @classmethod
-    def _check_queue_high_water(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("use a number of tasks of at least 1, or auto")
-        return value
+    def _parse_queue_high_water(cls, value: object) -> int | str:
+        # Parsed here, so an invalid value gets one message instead of one per member of the union.
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            tasks = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+        except ValueError:
+            tasks = None
+        if tasks is None or tasks < 1:
+            raise ValueError("use a whole number of tasks of at least 1, or auto")
+        return tasks
 
     @field_validator("log_level")
     @classmethod

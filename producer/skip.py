@@ -68,6 +68,17 @@ class ClassifiedUris:
             self.uris.close()
 
 
+def check_skip_existing(prefix: str) -> str:
+    """Return `prefix` when it is an S3 URI or a local path. Raises InvalidJobSpec naming the value otherwise."""
+    if not prefix.strip():
+        raise InvalidJobSpec("--skip-existing is empty: give the output prefix or folder of the earlier jobs")
+    try:
+        parse_location(prefix)
+    except ValueError as e:
+        raise InvalidJobSpec(f"--skip-existing {prefix!r} is invalid: {e}") from e
+    return prefix
+
+
 def matches(summary: dict[str, Any], spec: JobSpec) -> bool:
     """Return whether an earlier job's summary has the same model, revision, prompts and top-k as `spec`."""
     same_revision = spec.model_revision is None or summary.get("model_revision") == spec.model_revision

@@ -196,6 +196,20 @@ class Storage:
         except self._client_errors() as e:
             raise StorageError(f"listing {prefix} failed: {e}") from e
 
+    def iter_names(self, location: str) -> Iterator[str]:
+        """Yield the names directly under a local folder or S3 prefix, unsorted, without holding them all."""
+        target = parse_location(location)
+        if not isinstance(target, S3Uri):
+            if target.is_dir():
+                with os.scandir(target) as entries:
+                    yield from (entry.name for entry in entries if entry.is_file())
+            return
+        prefix = target if target.key.endswith("/") or not target.key else S3Uri(target.bucket, target.key + "/")
+        for key, _ in self.iter_objects(prefix):
+            name = key[len(prefix.key):]
+            if "/" not in name:
+                yield name
+
     def list_names(self, location: str) -> list[str]:
         """Return the sorted names directly under a local folder or S3 prefix (used for result shards)."""
         target = parse_location(location)
@@ -205,10 +219,13 @@ class Storage:
         return sorted(key[len(prefix.key):] for key, _ in self.iter_objects(prefix) if "/" not in key[len(prefix.key):])
 
     @staticmethod
-    def _client_errors() -> tuple[type[BaseException], ...]:
+    def client_errors() -> tuple[type[BaseException], ...]:
+        """Return the exception types boto3 raises for a failed request."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         return (BotoCoreError, ClientError)
+
+    _client_errors = client_errors
 
 
 def is_transient_s3_error(error: BaseException) -> bool:

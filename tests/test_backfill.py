@@ -107,3 +107,19 @@ def test_skip_existing_after_real_job(client: Client, tmp_path: Path) -> None:
     assert status.skipped_existing == 8
     assert status.total == 2
     assert [row["uri"] for row in rows] == [str(images / "new-1.jpg"), str(images / "new-2.jpg")]
+
+
+def test_detached_resume_after_cancel(client: Client, tmp_path: Path) -> None:
+    uris = image_folder(tmp_path / "images", 8)
+    output = tmp_path / "out"
+    held = Client(client.settings.model_copy(update={"queue": HELD_QUEUE}))
+    job = held.submit(str(tmp_path / "images"), ["cat", "rocket"], str(output), batch_size=2)
+    job.cancel()
+    client.store.redis.delete(HELD_QUEUE)
+
+    again = client.submit(str(tmp_path / "images"), ["cat", "rocket"], str(output), batch_size=2, resume=True, detach=True)
+    status = again.wait(timeout_s=WAIT_S, progress=False)
+
+    assert again.id == job.id
+    assert status.state == "succeeded"
+    assert Counter(row["uri"] for row in again.results()) == Counter(uris)

@@ -378,3 +378,89 @@ def test_cancel_stops_paused_producer(client: Client, redis_url: str, redis_clie
     assert redis_client.llen(TEST_QUEUE) == 4
     assert job_fields(redis_client, job_id)["listing_done"] == "0"
     assert not redis_client.exists(JOB_PRODUCER_KEY.format(job_id=job_id))
+
+
+@pytest.mark.parametrize("change", ["insert", "truncate"])
+def test_resume_rejects_changed_source(change: str, redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> None:
+    manifest = tmp_path / "images.txt"
+    uris = write_manifest(manifest, 40)
+    process, job_id = start_paused_producer(manifest, tmp_path / "out", redis_url, redis_client)
+    process.kill()
+    process.wait(timeout=10)
+    changed = ["s3://scale-bucket/aaa-first.jpg", *uris] if change == "insert" else uris[:3]
+    manifest.write_text("\n".join(changed) + "\n")
+    wait_until(lambda: not redis_client.exists(JOB_PRODUCER_KEY.format(job_id=job_id)), timeout_s=10)
+
+    resumed = subprocess.run(clipfleet("resume", job_id), env=producer_env(redis_url), capture_output=True, text=True, timeout=60)
+
+    assert resumed.returncode == 1
+    assert "no longer list the same images" in resumed.stderr
+    assert redis_client.llen(TEST_QUEUE) == 4
+    assert job_fields(redis_client, job_id)["listing_done"] == "0"
+
+
+def test_wait_stops_when_producer_lost(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> None:
+    manifest = tmp_path / "images.txt"
+    write_manifest(manifest, 40)
+    process, job_id = start_paused_producer(manifest, tmp_path / "out", redis_url, redis_client)
+    process.kill()
+    process.wait(timeout=10)
+    wait_until(lambda: not redis_client.exists(JOB_PRODUCER_KEY.format(job_id=job_id)), timeout_s=10)
+
+    waited = subprocess.run(clipfleet("wait", job_id), env=producer_env(redis_url), capture_output=True, text=True, timeout=60)
+
+    assert waited.returncode == 1
+    assert f"clipfleet resume {job_id}" in waited.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--skip-existing", "s3://"), "--skip-existing 's3://' is invalid"),
+        (("--skip-existing", ""), "--skip-existing is empty"),
+        (("--detach", "--log-file", "/proc/no-such-folder/producer.log"), "cannot be written"),
+        (("--log-file", "producer.log"), "--log-file applies only with --detach"),
+    ],
+)
+def test_submit_option_rejected(extra: tuple[str, ...], message: str, redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> None:
+    manifest = tmp_path / "images.txt"
+    write_manifest(manifest, 4)
+
+    result = subprocess.run(submit_args(manifest, tmp_path / "out", *extra), env=producer_env(redis_url), capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert redis_client.keys("clipfleet:job:*") == []
+
+
+def test_missing_second_prefix_rejected_before_job(s3_server: Any, make_bucket: Callable[[], str], redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> None:
+    bucket = make_bucket()
+    env = producer_env(redis_url, s3_endpoint_url=s3_server.endpoint_url)
+
+    result = subprocess.run(
+        clipfleet("submit", f"s3://{bucket}/a/", "s3://no-such-bucket-here/b/", "--labels", "cat", "--output", str(tmp_path / "out")),
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert "s3://no-such-bucket-here/b/" in result.stderr
+    assert redis_client.keys("clipfleet:job:*") == []
+
+
+def test_resubmit_rejects_changed_source(client: Client, redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> None:
+    manifest = tmp_path / "images.txt"
+    uris = write_manifest(manifest, 20)
+    output = tmp_path / "out"
+    env = producer_env(redis_url, queue_high_water="1000")
+    job_id = subprocess.run(submit_args(manifest, output), env=env, capture_output=True, text=True, timeout=60).stdout.strip()
+    client.store.cancel(job_id)
+    redis_client.delete(TEST_QUEUE)
+    manifest.write_text("\n".join(["s3://scale-bucket/aaa-first.jpg", *uris]) + "\n")
+
+    again = subprocess.run(submit_args(manifest, output, "--resume"), env=env, capture_output=True, text=True, timeout=60)
+
+    assert again.returncode == 1
+    assert "no longer list the same images" in again.stderr
+    assert redis_client.llen(TEST_QUEUE) == 0
+    assert job_fields(redis_client, job_id)["state"] == "cancelled"
