@@ -217,6 +217,13 @@ def status_dict(status: JobStatus) -> dict[str, Any]:
     }
 
 
+def describe_source(source: str | list[str] | None) -> str:
+    """Return a job's source for a table: the source, or the first of several and how many more."""
+    if isinstance(source, list):
+        return source[0] if len(source) == 1 else f"{source[0]} (and {len(source) - 1} more)"
+    return source or "-"
+
+
 def format_status(status: JobStatus, output: str) -> str:
     """Return the readable summary that `clipfleet status` prints, one field per line. `output` is the
     job's result folder."""
@@ -250,7 +257,7 @@ def format_jobs(statuses: list[JobStatus], now: float | None = None) -> str:
         rate = "-" if status.images_per_s_last_minute is None else f"{status.images_per_s_last_minute:.1f}"
         rows.append((
             status.job_id, status.state, f"{status.done:,}/{total}", f"{status.failed:,}", rate,
-            format_duration(status.eta_s), format_duration(now - status.created_at), status.source or "-",
+            format_duration(status.eta_s), format_duration(now - status.created_at), describe_source(status.source),
         ))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
     return "\n".join("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]) for row in rows)

@@ -85,7 +85,7 @@ class Manifest:
         repeats = stats.duplicates - repeats_before
         if repeats:
             logger.warning(
-                "Manifest %s lists %d URIs more than once (or also listed by an earlier manifest of the job); "
+                "Manifest %s repeats URIs %d times (counting those listed by an earlier manifest of the job); "
                 "each repeat was dropped, so every image appears in the results once. Examples: %s",
                 self.source, repeats, ", ".join(repr(uri) for uri in stats.duplicate_examples),
             )

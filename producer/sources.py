@@ -78,7 +78,7 @@ class ListingStats:
 
     def drop_duplicate(self, uri: str) -> None:
         self.duplicates += 1
-        if len(self.duplicate_examples) < MAX_EXAMPLES:
+        if len(self.duplicate_examples) < MAX_EXAMPLES and uri not in self.duplicate_examples:
             self.duplicate_examples.append(uri)
 
 
@@ -243,6 +243,11 @@ def _check_folder(root: Path) -> None:
         raise SourceError(
             f"source {str(root)!r} does not exist: expected a folder, a manifest ({' '.join(MANIFEST_SUFFIXES)}) "
             "or an S3 Inventory manifest.json"
+        )
+    if root.is_file():
+        raise SourceError(
+            f"source {str(root)!r} is a file, but not a manifest: a manifest ends in {' '.join(MANIFEST_SUFFIXES)}, "
+            "and an S3 Inventory manifest is named manifest.json"
         )
     raise SourceError(f"source folder {str(root)!r} does not exist or is not a folder")
 

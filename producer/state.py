@@ -578,8 +578,8 @@ def _producer_state(state: str, listing_done: bool, producer_alive: bool) -> str
     return PRODUCER_STOPPED if state in FINAL_STATES else PRODUCER_LOST
 
 
-def _spec_source(spec_json: str | None) -> str | None:
-    """Return the spec's source, or its first source and how many more, without validating the whole spec.
+def _spec_source(spec_json: str | None) -> str | list[str] | None:
+    """Return the spec's source (a string, or the list of a job with several) without validating the whole spec.
 
     Returns None when the spec cannot be read.
     """
@@ -588,7 +588,7 @@ def _spec_source(spec_json: str | None) -> str | None:
     except (json.JSONDecodeError, AttributeError):
         return None
     if isinstance(source, list) and source and all(isinstance(item, str) for item in source):
-        return source[0] if len(source) == 1 else f"{source[0]} (and {len(source) - 1} more)"
+        return source
     return source if isinstance(source, str) else None
 
 

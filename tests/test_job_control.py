@@ -29,12 +29,17 @@ import pytest
 from botocore.client import BaseClient
 
 import producer.jobs
-
 from producer.cli import EXIT_ERROR, main
 from producer.client import Client, new_job_id
-from producer.constants import CANCELLED_MARKER, JOB_KEY, JOBS_INDEX_KEY, TASK_CLASSIFY_BATCH
+from producer.constants import (
+    CANCELLED_MARKER,
+    JOB_KEY,
+    JOBS_INDEX_KEY,
+    TASK_CLASSIFY_BATCH,
+)
 from producer.embedded import ManagedProcess
 from producer.jobs import ProgressLine, format_duration, refresh_cancel_summary
+from producer.lease import ProducerLease
 from producer.messages import BatchMessage
 from producer.settings import Settings
 from producer.spec import build_spec
@@ -339,6 +344,8 @@ def read_lines(stream: Any, lines: queue.Queue[str]) -> None:
 def test_wait_progress_when_not_terminal(store: JobStore, cli_env: dict[str, str]) -> None:
     job = create_job(store, "20260101-000000-000000d1")
     store.add_listed(job, 8)
+    # A producer holds the job while it lists; without one, `wait` reports the producer lost and stops.
+    ProducerLease(store.redis, job, 60.0).acquire()
     command = [sys.executable, "-m", "producer.cli", "wait", job, "--progress", "--timeout-s", "60"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
     lines: queue.Queue[str] = queue.Queue()

@@ -184,7 +184,7 @@ def test_manifest_repeats_enqueued_once(
 
     assert queued_uris(redis_client) == uris
     assert job.status().total == 3
-    assert any("2 URIs more than once" in record.getMessage() for record in caplog.records)
+    assert any("repeats URIs 2 times" in record.getMessage() for record in caplog.records)
 
 
 # --- clipfleet submit -------------------------------------------------------------------------------

@@ -421,11 +421,11 @@ def test_manifest_repeats_dropped(
     assert uris == ["s3://photos/a.jpg", "s3://photos/b.jpg", "s3://photos/c.jpg"]
     assert stats.listed == 3
     assert stats.duplicates == 3
-    assert stats.duplicate_examples == ["s3://photos/a.jpg", "s3://photos/b.jpg", "s3://photos/a.jpg"]
+    assert stats.duplicate_examples == ["s3://photos/a.jpg", "s3://photos/b.jpg"]
     assert stats.skipped == 0
-    warnings = [record.getMessage() for record in caplog.records if "more than once" in record.getMessage()]
+    warnings = [record.getMessage() for record in caplog.records if "repeats URIs" in record.getMessage()]
     assert len(warnings) == 1
-    assert "3 URIs more than once" in warnings[0]
+    assert "repeats URIs 3 times" in warnings[0]
 
 
 def test_manifest_relative_and_absolute_repeat_dropped(tmp_path: Path, storage: Storage) -> None:
@@ -614,3 +614,14 @@ def test_missing_folder_in_sources_fails_first(storage: Storage, prefixes_bucket
 
     with pytest.raises(SourceError, match="no-such-folder"):
         next(uris)
+
+
+def test_file_not_manifest_named(tmp_path: Path, storage: Storage) -> None:
+    report = tmp_path / "inventory-report.json"
+    report.write_text("{}")
+
+    with pytest.raises(SourceError) as raised:
+        list_uris(str(report), storage)
+
+    assert "is a file, but not a manifest" in str(raised.value)
+    assert "manifest.json" in str(raised.value)
