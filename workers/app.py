@@ -24,6 +24,7 @@ from celery import Celery, signals
 
 from producer.queue import celery_config
 from producer.settings import Settings
+from workers import health
 from workers.transport import install as install_entry_checking_transport
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ def load_model_in_pool_process(**_: Any) -> None:
     from workers.model import ModelLoadError
     from workers.runtime import get_runtime
 
+    health.pool_process_started()
     try:
         get_runtime().model(settings.model, settings.model_revision)
     except ModelLoadError as e:
@@ -173,6 +175,7 @@ def load_model_in_pool_process(**_: Any) -> None:
         _model_failed.value = 1
         os.kill(os.getppid(), signal.SIGTERM)
         raise SystemExit(1) from e
+    health.mark_model_loaded()
 
 
 @signals.worker_shutdown.connect
@@ -215,6 +218,7 @@ def begin_bounded_shutdown(grace_s: float) -> None:
     if _shutdown_started.is_set():
         return
     _shutdown_started.set()
+    health.mark_stopping()
     logger.warning(
         "SIGTERM received: the running batch gets %g s (CLIPFLEET_SHUTDOWN_GRACE_S) to finish, then goes back to "
         "the queue", grace_s,
@@ -239,3 +243,36 @@ def _return_running_batches(grace_s: float) -> None:
         "queue", grace_s,
     )
     os.kill(os.getpid(), signal.SIGQUIT)
+
+
+@signals.worker_init.connect
+def start_metrics_server(**_: Any) -> None:
+    """Serve /metrics, /healthz and /readyz on CLIPFLEET_METRICS_PORT, before the pool forks (see `workers.health`).
+
+    Runs after `check_model_available`. A port that cannot be bound raises SystemExit, so the worker exits with status 1.
+    """
+    health.start(settings)
+
+
+@signals.worker_process_shutdown.connect
+def forget_exiting_pool_process(pid: int, **_: Any) -> None:
+    """Drop an exiting pool process's readiness flag and live gauges. Runs in that pool process."""
+    health.pool_process_exited(pid)
+
+
+@signals.worker_ready.connect
+def mark_worker_consuming(**_: Any) -> None:
+    """Let /readyz return 200 once a pool process has loaded the model too."""
+    health.mark_consuming()
+
+
+@signals.worker_shutting_down.connect
+def mark_worker_stopping(**_: Any) -> None:
+    """Make /readyz return 503 once Celery's own shutdown starts (SIGINT, SIGQUIT)."""
+    health.mark_stopping()
+
+
+@signals.worker_shutdown.connect
+def stop_metrics_server(**_: Any) -> None:
+    """Stop serving metrics and remove their files; `health.stop` also runs at exit, when an earlier handler raised."""
+    health.stop()

@@ -34,6 +34,7 @@ from producer.spec import JobSpec
 from workers.classify import encode_images, score, top_k_rows
 from workers.fetch import fetch_bytes
 from workers.images import ImageError, decode_image, image_pixels
+from workers.metrics import observe_batch
 from workers.model import LoadedModel, ModelLoadError
 from workers.policy import JobRejected, allowed_local_root, check_job
 from workers.runtime import WorkerRuntime
@@ -57,8 +58,10 @@ class BatchOutcome:
     succeeded: int = 0
     failed: int = 0
     durations_s: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # failed images by error code
 
 
+@observe_batch
 def process_batch(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome:
     """Classify one batch and write its shard. Idempotent: a redelivered batch rewrites the same shard and
     is counted once. Raises when the batch cannot finish (Redis, storage or model errors), so the task
@@ -168,8 +171,8 @@ def _finish(
     elif counted:
         # A batch past its last cancel check may be counted after a cancel; its summary must include it.
         refresh_cancel_summary(runtime.store, runtime.storage, message.job_id)
-    succeeded, failed, _ = count_rows(rows)
-    outcome = BatchOutcome(message.job_id, message.batch, attempt, status, succeeded, failed, durations)
+    succeeded, failed, errors = count_rows(rows)
+    outcome = BatchOutcome(message.job_id, message.batch, attempt, status, succeeded, failed, durations, errors)
     logger.info(
         "Job %s batch %d attempt %d finished: %d ok, %d failed, counted=%s, %s",
         message.job_id, message.batch, attempt, outcome.succeeded, failed, counted,

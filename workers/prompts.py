@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from producer.constants import PROMPT_CACHE_KEY
 from producer.spec import JobSpec
 from workers.classify import label_embeddings
+from workers.metrics import record_safely
 from workers.model import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -43,13 +45,18 @@ class PromptCache:
         """Return the job's label embeddings, `[labels, dim]` float32, running the text tower only when neither this process nor Redis has them."""
         digest = cache_digest(spec, loaded)
         cached = self._entries.get(digest)
+        record_safely(lambda metrics: metrics.record_prompt_lookup("process", cached is not None))
         if cached is not None:
             self._entries.move_to_end(digest)
             return cached
         embeddings = self._read_redis(digest, len(spec.prompts))
+        record_safely(lambda metrics: metrics.record_prompt_lookup("redis", embeddings is not None))
         if embeddings is None:
             self.misses += 1
+            started = time.perf_counter()
             embeddings = label_embeddings(loaded, spec.prompts)
+            encoding_s = time.perf_counter() - started
+            record_safely(lambda metrics: metrics.prompt_encoding_duration.observe(encoding_s))
             self._write_redis(digest, embeddings)
             logger.info("Encoded %d labels for prompt set %s", embeddings.shape[0], digest[:12])
         else:

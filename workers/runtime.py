@@ -20,6 +20,7 @@ from producer.state import JobStore
 from producer.storage import Storage
 from workers.images import PixelBudget
 from workers.memory import tune_malloc
+from workers.metrics import record_safely
 from workers.model import LoadedModel, load_model
 from workers.prompts import PromptCache
 
@@ -61,6 +62,7 @@ class WorkerRuntime:
             self._models.move_to_end(key)
             return self._models[key]
         loaded = load_model(name, revision, self.settings.device, self.settings.dtype)
+        record_safely(lambda metrics: metrics.record_model_load(loaded.load_s))
         self._models[key] = loaded
         while len(self._models) > MAX_LOADED_MODELS:
             evicted, _ = self._models.popitem(last=False)
