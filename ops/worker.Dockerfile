@@ -1,6 +1,7 @@
 # CPU image for clipfleet workers. Build it from the repository root:
 #   docker build -f ops/worker.Dockerfile -t clipfleet-worker:cpu .
 # docker-compose.yml builds it as the `worker` service.
+# ops/worker-cuda.Dockerfile is the GPU variant, and ops/producer.Dockerfile the image without torch.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

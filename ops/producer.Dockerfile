@@ -1,0 +1,34 @@
+# Image for the clipfleet producer commands (submit, status, wait, results, retry, compact, ...), without
+# torch or transformers. Build it from the repository root:
+#   docker build -f ops/producer.Dockerfile -t clipfleet-producer .
+#   docker run --rm -e CLIPFLEET_REDIS_URL=redis://redis.internal:6379/0 clipfleet-producer status JOB_ID
+#
+# `import producer` never imports torch, but the project's dependencies include torch and transformers for
+# the workers. So the project is installed with `pip install --no-deps .`, after the packages that the
+# producer imports, listed here by hand. Only producer/ is copied, so `clipfleet worker` and `clipfleet run`
+# (which starts a worker) do not work in this image. huggingface_hub and tokenizers read a model's
+# tokenizer at submit, to warn about prompts that the workers would truncate.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+RUN pip install "boto3>=1.34" "celery[redis]>=5.4" "pyarrow>=15" "pydantic>=2.7" "pydantic-settings>=2.3" \
+    "redis>=5.0" "huggingface_hub>=1.0" "tokenizers>=0.20"
+
+COPY pyproject.toml README.md ./
+COPY producer ./producer
+RUN pip install --no-deps .
+
+# Fail the build if torch or transformers came in through a dependency after all.
+RUN python -c "import importlib.util, sys; found = [m for m in ('torch', 'transformers') if importlib.util.find_spec(m)]; sys.exit(f'unexpected packages: {found}' if found else 0)"
+
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin clipfleet
+USER 10001
+
+ENTRYPOINT ["clipfleet"]
+CMD ["--help"]
