@@ -275,8 +275,139 @@ def compose_duration_s(value: str) -> float:
     return total
 
 
-def test_stop_grace_outlasts_worker_grace(services: dict[str, Any]) -> None:
-    worker = services["worker"]
+WORKERS = ["worker", "worker-gpu"]
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_stop_grace_outlasts_worker_grace(services: dict[str, Any], name: str) -> None:
+    worker = services[name]
     shutdown_grace_s = float(service_environment(worker)["CLIPFLEET_SHUTDOWN_GRACE_S"])
 
     assert compose_duration_s(worker["stop_grace_period"]) > shutdown_grace_s
+
+
+def createbuckets_buckets(services: Mapping[str, Any]) -> set[str]:
+    script = "\n".join(command_words(services["createbuckets"]))
+    return set(re.findall(r"\blocal/([^\s\"']+)", script))
+
+
+def flower_broker_url(services: Mapping[str, Any]) -> str:
+    """Return the broker URL from Flower's `--broker=URL` or `--broker URL` option."""
+    words = command_words(services["flower"])
+    for word in words:
+        if word.startswith("--broker="):
+            return word.split("=", 1)[1]
+    broker = option_value(words, "--broker") or option_value(words, "-b")
+    if broker is None:
+        raise ValueError(f"flower command {words!r} has no --broker option")
+    return broker
+
+
+def test_gpu_worker_only_in_gpu_profile(services: dict[str, Any]) -> None:
+    others_in_gpu = [name for name, service in services.items() if name != "worker-gpu" and "gpu" in service.get("profiles", [])]
+
+    assert services["worker-gpu"]["profiles"] == ["gpu"]
+    assert others_in_gpu == []
+
+
+def test_default_services_need_no_profile(services: dict[str, Any]) -> None:
+    default_services = {name for name, service in services.items() if not service.get("profiles")}
+
+    assert default_services == {"redis", "minio", "createbuckets", "worker", "flower"}
+
+
+def test_gpu_worker_reserves_nvidia_gpu(services: dict[str, Any]) -> None:
+    devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+def test_gpu_worker_builds_cuda_image(services: dict[str, Any]) -> None:
+    build = services["worker-gpu"]["build"]
+    dockerfile = REPO_ROOT / build["context"] / build["dockerfile"]
+    entrypoints = [exec_form(arguments) for keyword, arguments in dockerfile_instructions(dockerfile) if keyword == "ENTRYPOINT"]
+
+    assert dockerfile == REPO_ROOT / "ops" / "worker-cuda.Dockerfile"
+    assert entrypoints[-1] + command_words(services["worker-gpu"]) == ["clipfleet", "worker"]
+    assert service_environment(services["worker-gpu"])["CLIPFLEET_DEVICE"] == "cuda"
+
+
+@pytest.mark.parametrize("environment", [{}, OVERRIDDEN_ENVIRONMENT], ids=["defaults", "overridden"])
+@pytest.mark.parametrize("key", ["CLIPFLEET_REDIS_URL", "CLIPFLEET_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "CLIPFLEET_MODEL", "CLIPFLEET_SHUTDOWN_GRACE_S"])
+def test_gpu_worker_environment_matches_cpu_worker(environment: dict[str, str], key: str) -> None:
+    services = load_compose(environment)["services"]
+
+    assert service_environment(services["worker-gpu"])[key] == service_environment(services["worker"])[key]
+
+
+@pytest.mark.parametrize("name", ["worker", "worker-gpu", "submit", "flower"])
+def test_service_uses_redis_service_as_broker(services: dict[str, Any], name: str) -> None:
+    if name == "flower":
+        broker = flower_broker_url(services)
+    else:
+        broker = service_environment(services[name])["CLIPFLEET_REDIS_URL"]
+    url = urlsplit(broker)
+    redis_port = int(option_value(command_words(services["redis"]), "--port") or 6379)
+
+    assert broker == service_environment(services["worker"])["CLIPFLEET_REDIS_URL"]
+    assert url.hostname == "redis"
+    assert url.port == redis_port
+    assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("environment", [{}, OVERRIDDEN_ENVIRONMENT], ids=["defaults", "overridden"])
+def test_submit_uses_worker_storage_and_model(environment: dict[str, str]) -> None:
+    services = load_compose(environment)["services"]
+    submit = service_environment(services["submit"])
+    worker = service_environment(services["worker"])
+
+    for key in ("CLIPFLEET_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "CLIPFLEET_MODEL"):
+        assert submit[key] == worker[key], key
+
+
+def test_metrics_port_is_published(services: dict[str, Any]) -> None:
+    exporting = {name: service for name, service in services.items() if "CLIPFLEET_METRICS_PORT" in service_environment(service)}
+
+    assert "worker-gpu" in exporting
+    for name, service in exporting.items():
+        metrics_port = int(service_environment(service)["CLIPFLEET_METRICS_PORT"])
+        assert metrics_port in container_ports(service), name
+
+
+def test_flower_publishes_port_5555(services: dict[str, Any]) -> None:
+    words = command_words(services["flower"])
+
+    assert "flower" in words
+    assert "--port=5555" in words
+    assert "127.0.0.1:5555:5555" in services["flower"]["ports"]
+
+
+def test_submit_runs_producer_image_and_waits(services: dict[str, Any]) -> None:
+    submit = services["submit"]
+    build = submit["build"]
+    words = command_words(submit)
+
+    assert submit["profiles"] == ["submit"]
+    assert REPO_ROOT / build["context"] / build["dockerfile"] == REPO_ROOT / "ops" / "producer.Dockerfile"
+    assert words[0] == "submit"
+    assert "--wait" in words
+    assert submit["depends_on"]["createbuckets"]["condition"] == "service_completed_successfully"
+
+
+def test_submit_buckets_exist_in_createbuckets(services: dict[str, Any]) -> None:
+    words = command_words(services["submit"])
+    uris = [word for word in words if word.startswith("s3://")]
+    source_bucket = parse_s3_uri(words[1]).bucket
+    output_bucket = parse_s3_uri(option_value(words, "--output") or "").bucket
+
+    assert len(uris) == 2
+    assert source_bucket in createbuckets_buckets(services)
+    assert output_bucket in createbuckets_buckets(services)
+
+
+def test_gpu_worker_healthcheck_probes_readyz(services: dict[str, Any]) -> None:
+    worker = services["worker-gpu"]
+    probe = " ".join(worker["healthcheck"]["test"])
+    metrics_port = service_environment(worker)["CLIPFLEET_METRICS_PORT"]
+
+    assert f"http://127.0.0.1:{metrics_port}/readyz" in probe
