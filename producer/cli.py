@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--log-file", type=Path, help="with --detach, where the background producer logs (default ~/.local/state/clipfleet/producer-JOB.log)")
     submit.add_argument(
         "--resume", action="store_true",
-        help="if Redis holds an earlier job with exactly this spec and output, run it again, enqueueing only the batches that have no shard",
+        help="if Redis has an earlier job with exactly this spec and output, run it again, enqueueing only the batches that have no shard",
     )
     submit.add_argument(
         "--skip-existing", metavar="PREFIX",
@@ -385,7 +385,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     job = Client(Settings()).job(args.job_id)
     status = job.status()
     if args.json:
-        print(json.dumps(_status_dict(status), indent=2))
+        print(json.dumps(status_dict(status), indent=2))
     else:
         print(format_status(status, job.output))
     return 0
@@ -395,14 +395,14 @@ def cmd_wait(args: argparse.Namespace) -> int:
     job = Client(Settings()).job(args.job_id)
     progress = args.progress or (not args.no_progress and sys.stderr.isatty())
     status = job.wait(timeout_s=args.timeout_s, progress=progress)
-    print(json.dumps(_status_dict(status), indent=2))
+    print(json.dumps(status_dict(status), indent=2))
     return _exit_code(status)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     statuses = Client(Settings()).jobs(limit=args.limit, state=args.state)
     if args.json:
-        print(json.dumps([_status_dict(status) for status in statuses], indent=2))
+        print(json.dumps([status_dict(status) for status in statuses], indent=2))
     else:
         print(format_jobs(statuses))
     return 0
@@ -489,10 +489,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(exit_status, file=sys.stderr)
         return EXIT_ERROR
     return int(exit_status or 0)
-
-
-def _status_dict(status: JobStatus) -> dict[str, Any]:
-    return status_dict(status)
 
 
 def _print_summary(job: Job, status: JobStatus, elapsed_s: float) -> None:

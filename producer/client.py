@@ -79,7 +79,7 @@ class ProducerLost(ClipfleetError):
 
 
 class ResumeNotPossible(ClipfleetError):
-    """The job cannot be resumed in its state; the message says what to do instead."""
+    """The job cannot be resumed in its state; the message tells the user what to do instead."""
 
 
 class Client:
@@ -201,7 +201,7 @@ class Client:
         The sources are listed again and the batches before the job's checkpoint are passed over, so no batch
         is sent twice. With `restart`, a cancelled or failed job runs again: every batch that has no shard and
         was not counted is enqueued, and a shard left uncounted is counted from its rows. Returns at once for
-        a job that has every batch enqueued or has succeeded. Raises ProducerBusy when another producer holds
+        a job that has every batch enqueued or has succeeded. Raises ProducerBusy when another producer has
         the job, and ResumeNotPossible for a cancelled or failed job without `restart`.
         """
         fields = self.store.fields(job_id)
@@ -314,13 +314,13 @@ class Client:
         """Publish the job's batches under `lease`, record the totals, and release the lease.
 
         When enqueueing stops on an error or an interrupt, the batches sent stay queued and the job waits for
-        `clipfleet resume`; its `error` field says so.
+        `clipfleet resume`, as its `error` field states.
         """
         lease.start_refreshing()
         sender = BatchSender.for_settings(self._celery, self.settings)
         try:
             outcome = enqueue_listing(
-                sender, lease, job_id, spec.batch_size, uris, start_batch, is_done or _never_done,
+                sender, lease, job_id, spec.batch_size, uris, start_batch, is_done,
                 job_ended=lambda: self.store.state(job_id) in FINAL_STATES, checkpoint=checkpoint,
             )
             if not outcome.cancelled:
@@ -555,10 +555,6 @@ def new_job_id() -> str:
 
 def _first_or_none(items: Iterator[str]) -> str | None:
     return next(items, None)
-
-
-def _never_done(batch: int) -> bool:
-    return False
 
 
 def _lost_message(status: JobStatus) -> str:

@@ -120,7 +120,7 @@ def enqueue_listing(
     batch_size: int,
     uris: Iterator[str],
     start_batch: int,
-    is_done: Callable[[int], bool] = lambda batch: False,
+    is_done: Callable[[int], bool] | None = None,
     job_ended: Callable[[], bool] = lambda: False,
     checkpoint: ListingCheckpoint | None = None,
 ) -> EnqueueOutcome:
@@ -146,7 +146,7 @@ def enqueue_listing(
         digest.add(chunk)
         if checkpoint is not None:
             checkpoint.check(batch, digest.value, job_id)
-        if batch < start_batch or is_done(batch):
+        if batch < start_batch or (is_done is not None and is_done(batch)):
             passed_over += 1
         else:
             if lease.lost.is_set():

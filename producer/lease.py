@@ -55,11 +55,11 @@ class ProducerLease:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> bool:
-        """Take the lease when it is free or already holds this token. Returns False when another producer holds it."""
+        """Take the lease when it is free or already has this token. Returns False when another producer has it."""
         return bool(self.redis.eval(_ACQUIRE, 1, self.key, self.token, self._ttl_ms))
 
     def remaining_s(self) -> float | None:
-        """Return the seconds before the current holder's lease expires, or None when nobody holds it."""
+        """Return the seconds before the current holder's lease expires, or None when no producer has it."""
         ttl_ms = int(self.redis.pttl(self.key))
         return ttl_ms / 1000 if ttl_ms >= 0 else None
 

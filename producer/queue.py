@@ -156,7 +156,7 @@ class Backpressure:
 
 
 class BatchSender:
-    """Sends batch tasks by name, pausing while `backpressure` says the queue is full. Use from one thread.
+    """Sends batch tasks by name, pausing while `backpressure` reports the queue full. Use from one thread.
 
     Publishing and reading the queue length retry connection errors for about 30 s each, so a Redis restart
     of a few seconds delays a submission without failing it. A publish made with a `PublishGuard` is exactly

@@ -20,7 +20,7 @@ from producer.errors import InvalidJobSpec, StorageError
 from producer.fingerprints import FingerprintSet
 from producer.results import list_shards, read_rows
 from producer.spec import JobSpec
-from producer.storage import Storage, join_location
+from producer.storage import Storage, as_folder, join_location
 from producer.uris import S3Uri, parse_location
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def _job_folders(storage: Storage, prefix: str) -> Iterator[str]:
     target = parse_location(prefix)
     seen: set[str] = set()
     if isinstance(target, S3Uri):
-        base = target if target.key.endswith("/") or not target.key else S3Uri(target.bucket, target.key + "/")
+        base = as_folder(target)
         try:
             for key, _ in storage.iter_objects(base):
                 folder, _, name = key.rpartition("/")

@@ -127,7 +127,7 @@ class Storage:
                 )
             else:
                 _write_atomically(target, data)
-        except (OSError, *self._client_errors()) as e:
+        except (OSError, *self.client_errors()) as e:
             raise StorageError(f"writing {location!r} failed: {e}") from e
 
     def get_bytes(self, location: str) -> bytes:
@@ -137,7 +137,7 @@ class Storage:
             if isinstance(target, S3Uri):
                 return self.client.get_object(Bucket=target.bucket, Key=target.key)["Body"].read()
             return target.read_bytes()
-        except (OSError, *self._client_errors()) as e:
+        except (OSError, *self.client_errors()) as e:
             raise StorageError(f"reading {location!r} failed: {e}") from e
 
     def delete(self, location: str) -> None:
@@ -148,7 +148,7 @@ class Storage:
                 self.client.delete_object(Bucket=target.bucket, Key=target.key)
             else:
                 target.unlink(missing_ok=True)
-        except (OSError, *self._client_errors()) as e:
+        except (OSError, *self.client_errors()) as e:
             raise StorageError(f"deleting {location!r} failed: {e}") from e
 
     def check_writable(self, location: str) -> None:
@@ -177,7 +177,7 @@ class Storage:
             return target.exists()
         try:
             self.client.head_object(Bucket=target.bucket, Key=target.key)
-        except self._client_errors() as e:
+        except self.client_errors() as e:
             if _error_code(e) in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise StorageError(f"checking {location!r} failed: {e}") from e
@@ -193,7 +193,7 @@ class Storage:
             for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
                 for item in page.get("Contents", []):
                     yield item["Key"], int(item["Size"])
-        except self._client_errors() as e:
+        except self.client_errors() as e:
             raise StorageError(f"listing {prefix} failed: {e}") from e
 
     def iter_names(self, location: str) -> Iterator[str]:
@@ -204,7 +204,7 @@ class Storage:
                 with os.scandir(target) as entries:
                     yield from (entry.name for entry in entries if entry.is_file())
             return
-        prefix = target if target.key.endswith("/") or not target.key else S3Uri(target.bucket, target.key + "/")
+        prefix = as_folder(target)
         for key, _ in self.iter_objects(prefix):
             name = key[len(prefix.key):]
             if "/" not in name:
@@ -212,11 +212,7 @@ class Storage:
 
     def list_names(self, location: str) -> list[str]:
         """Return the sorted names directly under a local folder or S3 prefix (used for result shards)."""
-        target = parse_location(location)
-        if not isinstance(target, S3Uri):
-            return sorted(entry.name for entry in target.iterdir() if entry.is_file()) if target.is_dir() else []
-        prefix = target if target.key.endswith("/") or not target.key else S3Uri(target.bucket, target.key + "/")
-        return sorted(key[len(prefix.key):] for key, _ in self.iter_objects(prefix) if "/" not in key[len(prefix.key):])
+        return sorted(self.iter_names(location))
 
     @staticmethod
     def client_errors() -> tuple[type[BaseException], ...]:
@@ -224,8 +220,6 @@ class Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         return (BotoCoreError, ClientError)
-
-    _client_errors = client_errors
 
 
 def is_transient_s3_error(error: BaseException) -> bool:
@@ -278,6 +272,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def as_folder(prefix: S3Uri) -> S3Uri:
+    """Return `prefix` ending in `/`, so listing it finds the keys inside that folder and not its siblings."""
+    if prefix.key.endswith("/") or not prefix.key:
+        return prefix
+    return S3Uri(prefix.bucket, prefix.key + "/")
 
 
 def join_location(base: str, *names: str) -> str:
