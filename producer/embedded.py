@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 REDIS_START_TIMEOUT_S = 15.0
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+EMBEDDED_SHUTDOWN_GRACE_S = 5.0
 STOP_GRACE_S = 10.0
 
 
@@ -144,6 +145,9 @@ class EmbeddedStack:
             CLIPFLEET_REDIS_URL=self.redis_url,
             CLIPFLEET_MODEL=self.model,
             CLIPFLEET_LOCAL_ROOTS=json.dumps(self.local_roots),
+            # The private Redis stops with the worker, so a batch still running at shutdown could not be counted
+            # anyway. A short grace lets the worker exit within seconds when `clipfleet run` is killed.
+            CLIPFLEET_SHUTDOWN_GRACE_S=str(EMBEDDED_SHUTDOWN_GRACE_S),
         )
         argv = [
             sys.executable, "-m", "celery", "-A", "workers.app", "worker",
