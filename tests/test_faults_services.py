@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from botocore.client import BaseClient
 from PIL import Image
@@ -33,6 +34,7 @@ from producer.messages import BatchMessage
 from producer.queue import BatchSender, make_celery
 from producer.redis_client import make_redis
 from producer.state import JobStore
+from workers.app import COLD_SHUTDOWN_LIMIT_S
 from tests.support.s3proxy import S3FaultProxy
 from tests.support.servers import RedisServer, S3Server, free_port
 from tests.support.worker import start_worker
@@ -469,3 +471,40 @@ def test_duplicate_batch_messages_counted_once(
     assert count_uris(rows, uris) == {"lost": 0, "duplicated": 0, "unexpected": 0}
     assert int(fields["succeeded"]) == len(uris)
     assert int(fields["batches_done"]) == int(fields["batches_total"])
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_with_redis_gone_exits_soon_after_grace(
+    tmp_path: Path, tiny_clip_dir: Path, s3_server: S3Server, s3_client: BaseClient, buckets: dict[str, str]
+) -> None:
+    """SIGTERM reaches a worker whose batch retries a stopped Redis, as when `clipfleet run` is killed and its
+    private Redis and worker stop together: the worker and its pool process are gone soon after the grace."""
+    grace_s = 2.0
+    upload_images(s3_client, buckets["input"], 40)
+    with RedisServer(port=free_port(), data_dir=tmp_path / "redis") as server, S3FaultProxy(s3_server.endpoint_url) as proxy:
+        # Slow reads keep the first batch running while Redis stops; writing its results then retries Redis.
+        proxy.add_rule("delay", method="GET", key_contains="/in/", delay_ms=500)
+        worker = start_worker(tmp_path, server.url, tiny_clip_dir, proxy.endpoint_url, {"CLIPFLEET_SHUTDOWN_GRACE_S": str(grace_s)})
+        try:
+            pool_pids = [child.pid for child in psutil.Process(worker.process.pid).children()]
+            client = make_client(server.url, s3_server.endpoint_url, tiny_clip_dir)
+            client.submit(f"s3://{buckets['input']}/in/", LABELS, f"s3://{buckets['output']}/results/", batch_size=RESTART_BATCH_SIZE)
+            deadline = time.monotonic() + 60
+            while "attempt 1 started" not in worker.log_tail(50) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            stop_redis(server, signal.SIGKILL)
+            signalled = time.monotonic()
+            worker.process.send_signal(signal.SIGTERM)
+            exit_code = worker.process.wait(timeout=90)
+            exit_s = time.monotonic() - signalled
+            pools_alive = [pid for pid in pool_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+            log = worker.log_path.read_text(errors="replace")
+        finally:
+            worker.stop()
+    print(f"measured: SIGTERM with Redis gone: exit code {exit_code} after {exit_s:.1f} s, grace {grace_s:g} s")
+    assert len(pool_pids) == 1
+    assert "Redis" in log and "retrying in" in log, "the batch was retrying Redis when the grace ended"
+    assert "Cold shutdown still running 5 s after it began; killing pool processes" in log
+    assert exit_code == 1
+    assert grace_s + COLD_SHUTDOWN_LIMIT_S <= exit_s <= grace_s + COLD_SHUTDOWN_LIMIT_S + 5
+    assert pools_alive == []

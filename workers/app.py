@@ -11,6 +11,7 @@ bounded by CLIPFLEET_SHUTDOWN_GRACE_S (see `begin_bounded_shutdown`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -20,6 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 from celery import Celery, signals
 
 from producer.queue import celery_config
@@ -51,6 +53,9 @@ RESTORE_INTERVALS_PER_VISIBILITY_TIMEOUT = 5
 # The startup check: a batch whose S3 read waits out one whole CLIPFLEET_FETCH_TIMEOUT_S must still end before
 # its soft time limit, 0.8 x the visibility timeout.
 MIN_VISIBILITY_PER_FETCH_TIMEOUT = 2
+# Seconds a cold shutdown (after CLIPFLEET_SHUTDOWN_GRACE_S) may take before the worker kills its pool processes
+# and exits with status 1. Orchestrators' kill deadlines must leave room for the grace plus this.
+COLD_SHUTDOWN_LIMIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -242,7 +247,32 @@ def _return_running_batches(grace_s: float) -> None:
         "Shutdown grace period of %g s (CLIPFLEET_SHUTDOWN_GRACE_S) is over, so running batches go back to the "
         "queue", grace_s,
     )
+    # Not in _grace_timers: the worker_shutdown signal can come before a stuck pool process lets the worker exit.
+    backstop = threading.Timer(COLD_SHUTDOWN_LIMIT_S, _kill_pool_processes)
+    backstop.daemon = True
+    backstop.start()
     os.kill(os.getpid(), signal.SIGQUIT)
+
+
+def _kill_pool_processes() -> None:
+    """End a cold shutdown that did not finish in COLD_SHUTDOWN_LIMIT_S: kill the pool processes and exit with status 1.
+
+    Celery's cold shutdown does not always end when Redis went away with the worker (as when `clipfleet run` is
+    killed and its private Redis and worker stop together): the pool process kept retrying Redis for 30 s, and
+    once it was killed the main process still waited for its result. A batch cut short here stays unacknowledged
+    in Redis and is delivered again after the visibility timeout.
+    """
+    children = psutil.Process().children()
+    logger.error(
+        "Cold shutdown still running %g s after it began; killing pool processes %s and exiting with status 1",
+        COLD_SHUTDOWN_LIMIT_S, ", ".join(str(child.pid) for child in children) or "(none left)",
+    )
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(children, timeout=COLD_SHUTDOWN_LIMIT_S)
+    logging.shutdown()
+    os._exit(1)
 
 
 @signals.worker_init.connect
