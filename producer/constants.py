@@ -4,6 +4,8 @@ from __future__ import annotations
 
 # Celery task names. Producers send tasks by name, so they never import the worker code.
 TASK_CLASSIFY_BATCH = "clipfleet.classify_batch"
+# Message header with the Unix time at which the producer published a batch; workers report the queue wait from it.
+PUBLISHED_AT_HEADER = "clipfleet_published_at"
 
 DEFAULT_QUEUE = "clipfleet"
 # Backpressure defaults (CLIPFLEET_QUEUE_LOW_WATER, _AHEAD_S, _MAX_TASKS): a paused producer resumes at half

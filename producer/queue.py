@@ -18,6 +18,7 @@ from producer.constants import (
     DEFAULT_AHEAD_S,
     DEFAULT_LOW_WATER,
     DEFAULT_MAX_TASKS,
+    PUBLISHED_AT_HEADER,
     TASK_CLASSIFY_BATCH,
 )
 from producer.messages import BatchMessage
@@ -224,6 +225,7 @@ class BatchSender:
                 queue=self.queue,
                 # Celery's default is the repr of the URIs, about 1 KB per task in Redis; Flower shows this instead.
                 argsrepr=f"job {message.job_id} batch {message.batch}: {len(message.uris)} images",
+                headers={PUBLISHED_AT_HEADER: time.time()},
                 retry=True,
                 retry_policy={
                     "max_retries": PUBLISH_MAX_RETRIES,

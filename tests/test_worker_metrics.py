@@ -169,6 +169,14 @@ def test_batch_counters(run: MetricsRun) -> None:
     assert value(run.after_second, "clipfleet_batches_total", status="error") is None
 
 
+def test_queue_wait_histogram(run: MetricsRun) -> None:
+    # One first delivery per job; the worker was idle, so each batch waited well under a second in the queue.
+    assert value(run.after_first, "clipfleet_batch_queue_wait_seconds_count") == 1
+    assert value(run.after_second, "clipfleet_batch_queue_wait_seconds_count") == 2
+    assert 0 <= value(run.after_second, "clipfleet_batch_queue_wait_seconds_sum") < 5
+    assert value(run.after_second, "clipfleet_batch_queue_wait_seconds_bucket", le="1.0") == 2
+
+
 def test_stage_histograms(run: MetricsRun) -> None:
     for stage in STAGES:
         assert value(run.after_first, "clipfleet_stage_duration_seconds_count", stage=stage) == 1, stage

@@ -38,6 +38,8 @@ BATCH_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 18
 STAGE_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 MODEL_LOAD_BUCKETS_S = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 PROMPT_ENCODING_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Producers keep about CLIPFLEET_QUEUE_AHEAD_S (180 s) of the fleet's work queued, so waits of minutes are normal.
+QUEUE_WAIT_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600)
 
 
 class WorkerMetrics:
@@ -70,6 +72,11 @@ class WorkerMetrics:
             ["stage"], buckets=STAGE_BUCKETS_S, registry=registry,
         )
 
+        self.queue_wait = Histogram(
+            "clipfleet_batch_queue_wait_seconds",
+            "Seconds from a producer publishing a batch to a worker starting it, first deliveries only",
+            buckets=QUEUE_WAIT_BUCKETS_S, registry=registry,
+        )
         self.model_load_duration = Histogram(
             "clipfleet_model_load_duration_seconds", "Seconds to load a model, tokenizer and image processor",
             buckets=MODEL_LOAD_BUCKETS_S, registry=registry,
@@ -117,6 +124,10 @@ class WorkerMetrics:
         for stage, seconds in outcome.durations_s.items():
             self.stage_duration.labels(stage=stage).observe(seconds)
         self.update_device_memory()
+
+    def record_queue_wait(self, wait_s: float) -> None:
+        """Observe how long a batch waited in the queue; a negative wait (clocks of two hosts apart) counts as 0."""
+        self.queue_wait.observe(max(0.0, wait_s))
 
     def record_batch_error(self, duration_s: float) -> None:
         """Count a batch delivery that raised."""

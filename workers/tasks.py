@@ -10,7 +10,12 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from producer.constants import BATCH_RETRIES_FIELD, REDIS_RETRIES_FIELD, TASK_CLASSIFY_BATCH
+from producer.constants import (
+    BATCH_RETRIES_FIELD,
+    PUBLISHED_AT_HEADER,
+    REDIS_RETRIES_FIELD,
+    TASK_CLASSIFY_BATCH,
+)
 from producer.errors import StorageError
 from producer.messages import BatchMessage
 from producer.redis_client import RedisRetryScope, redis_retry_scope
@@ -49,6 +54,7 @@ def classify_batch(*args: Any, **kwargs: Any) -> dict[str, Any]:
     message = parse_message(args, kwargs)
     if message is None:
         return {"status": "invalid_message"}
+    record_queue_wait()
     started = time.monotonic()
     redis_scope = RedisRetryScope(message.job_id, message.batch)
     try:
@@ -120,6 +126,22 @@ def _describe_errors(error: ValidationError) -> str:
 
 def _shorten(text: str) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def record_queue_wait() -> None:
+    """Observe the queue wait of the current task's first delivery, from the header its producer set.
+
+    Retries and redeliveries are left out: their wait includes a backoff or a visibility timeout, not the queue.
+    Messages without the header (sent by other clients) are left out too.
+    """
+    from workers.metrics import record_safely
+
+    request = classify_batch.request
+    published_at = getattr(request, PUBLISHED_AT_HEADER, None)
+    if request.retries or (request.delivery_info or {}).get("redelivered") or not isinstance(published_at, (int, float)):
+        return
+    wait_s = time.time() - published_at
+    record_safely(lambda metrics: metrics.record_queue_wait(wait_s))
 
 
 def _attempt() -> int:

@@ -117,6 +117,16 @@ def test_model_load_observed(registry: CollectorRegistry) -> None:
     assert sample(registry, "clipfleet_model_load_duration_seconds_sum") == 3.0
 
 
+def test_queue_wait_observed_and_clamped(registry: CollectorRegistry) -> None:
+    metrics.worker_metrics().record_queue_wait(100.0)
+    metrics.worker_metrics().record_queue_wait(-3.0)  # a worker clock behind the producer's
+
+    assert sample(registry, "clipfleet_batch_queue_wait_seconds_count") == 2
+    assert sample(registry, "clipfleet_batch_queue_wait_seconds_sum") == 100.0
+    assert sample(registry, "clipfleet_batch_queue_wait_seconds_bucket", le="60.0") == 1
+    assert sample(registry, "clipfleet_batch_queue_wait_seconds_bucket", le="120.0") == 2
+
+
 def test_device_memory_absent_on_cpu(registry: CollectorRegistry) -> None:
     import torch
 
