@@ -141,9 +141,13 @@ class Backpressure:
         if self._last is not None:
             last_time, last_length = self._last
             elapsed_s = now - last_time
-            taken = last_length + self._sent_since_last - queue_length
+            available = last_length + self._sent_since_last
+            taken = available - queue_length
             if elapsed_s >= RATE_MIN_INTERVAL_S:
-                if taken > 0:
+                # A second in which tasks waited and none was taken counts as a rate of 0: workers that finish
+                # their batches in step take tasks in bursts, and leaving out the seconds between the bursts
+                # made the estimate about twice the real rate. Seconds with an empty queue say nothing.
+                if taken > 0 or (taken == 0 and available > 0):
                     rate = taken / elapsed_s
                     weight = min(1.0, elapsed_s / RATE_SMOOTHING_S)
                     previous = self.rate_tasks_per_s if self.rate_tasks_per_s is not None else rate

@@ -50,6 +50,36 @@ def test_auto_mark_follows_drain_rate() -> None:
     assert backpressure.high_water == int(rate * 180.0)
 
 
+def test_auto_mark_averages_bursts_of_takes() -> None:
+    clock = Clock()
+    backpressure = Backpressure("auto", 0.5, 180.0, 10_000, clock)
+    backpressure.should_wait(3000)
+    # Pods that finish in step take 30 tasks every 6th second and none in between: 5 tasks per second.
+    length = 3000
+    for second in range(1, 601):
+        clock.now_s = float(second)
+        if second % 6 == 0:
+            length -= 30
+        backpressure.should_wait(length)
+    rate = backpressure.rate_tasks_per_s
+
+    assert rate is not None
+    assert 4.0 < rate < 6.0
+
+
+def test_auto_mark_ignores_an_empty_queue() -> None:
+    clock = Clock()
+    backpressure = Backpressure("auto", 0.5, 180.0, 10_000, clock)
+    backpressure.should_wait(100)
+    clock.now_s = 10.0
+    backpressure.should_wait(0)  # 10 tasks per second
+    for second in range(11, 60):
+        clock.now_s = float(second)
+        backpressure.should_wait(0)
+
+    assert backpressure.rate_tasks_per_s == 10.0
+
+
 def test_auto_mark_counts_sent_tasks() -> None:
     clock = Clock()
     backpressure = Backpressure("auto", 0.5, 60.0, 10_000, clock)
