@@ -35,6 +35,11 @@ JOB_PROGRESS_KEY = KEY_PREFIX + "job:{job_id}:progress"
 # string: job id of the latest job with a given spec digest, so a resubmission can find it
 SPEC_INDEX_KEY = KEY_PREFIX + "spec:{digest}"
 PROMPT_CACHE_KEY = KEY_PREFIX + "prompts:{digest}"  # label embeddings, see workers.prompts
+# The prompt cache's eviction index (see workers.prompt_store), outside the pattern of PROMPT_CACHE_KEY:
+PROMPT_CACHE_LRU_KEY = KEY_PREFIX + "prompt_cache:lru"  # sorted set: digest scored by its last use on the clock below
+PROMPT_CACHE_SIZES_KEY = KEY_PREFIX + "prompt_cache:sizes"  # hash: digest -> bytes of its embeddings
+PROMPT_CACHE_BYTES_KEY = KEY_PREFIX + "prompt_cache:bytes"  # string: the sum of those bytes
+PROMPT_CACHE_CLOCK_KEY = KEY_PREFIX + "prompt_cache:clock"  # counter: a logical clock, incremented on each use
 
 # Image file extensions listed by default (compared case-insensitively).
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")

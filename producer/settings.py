@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     )
     max_labels: int = Field(20_000, ge=1, description="Maximum number of labels in one job; submit rejects a job with more")
     max_prompts: int = Field(100_000, ge=1, description="Maximum number of prompts in one job, over all labels; submit rejects a job with more")
+    prompt_cache_max_mb: int = Field(
+        256, ge=1,
+        description="Bound on the label embeddings that the workers share through Redis, in MiB of embedding data "
+        "over the whole fleet; the least recently used entries are evicted to stay under it",
+    )
     log_level: str = "INFO"
     metrics_port: int | None = None
 

@@ -92,6 +92,20 @@ class WorkerMetrics:
             "clipfleet_prompt_encoding_duration_seconds", "Seconds the text tower took to encode a job's prompts",
             buckets=PROMPT_ENCODING_BUCKETS_S, registry=registry,
         )
+        self.prompt_cache_evictions = Counter(
+            "clipfleet_prompt_cache_evictions", "Redis prompt cache entries this worker evicted to stay under the size bound",
+            registry=registry,
+        )
+        self.prompt_cache_invalid = Counter(
+            "clipfleet_prompt_cache_invalid_entries",
+            "Redis prompt cache entries that failed verification (fields, dtype, shape or checksum) and were deleted",
+            registry=registry,
+        )
+        # mostrecent: the value is the fleet-wide total in Redis, so the latest report of any pool process is right.
+        self.prompt_cache_bytes = Gauge(
+            "clipfleet_prompt_cache_bytes", "Bytes of label embeddings in the Redis prompt cache, over all workers, as last seen",
+            multiprocess_mode="mostrecent", registry=registry,
+        )
 
         # livesum: the sum over the pool processes that are alive, on CUDA only.
         self.device_memory = Gauge(

@@ -22,6 +22,7 @@ from workers.images import PixelBudget
 from workers.memory import tune_malloc
 from workers.metrics import record_safely
 from workers.model import LoadedModel, load_model
+from workers.prompt_store import MIB
 from workers.prompts import PromptCache
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class WorkerRuntime:
             retry_policy=RetryPolicy(settings.s3_max_attempts, settings.retry_base_s, settings.retry_max_s),
             count_event=self.store.count_event,
         )
-        self.prompts = PromptCache(self.store.redis)
+        self.prompts = PromptCache(self.store.redis, settings.prompt_cache_max_mb * MIB)
         self.pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="clipfleet-fetch")
         self.decode_budget = PixelBudget(settings.decode_budget_pixels)
         self._models: OrderedDict[tuple[str, str | None], LoadedModel] = OrderedDict()
