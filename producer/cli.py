@@ -22,6 +22,7 @@ from producer.client import Client, Job, check_error_codes, make_spec
 from producer.constants import FINAL_STATES
 from producer.enqueue import detached_log_path
 from producer.errors import ClipfleetError, InvalidJobSpec
+from producer.embeddings import DEFAULT_EMBEDDING_DTYPE, EMBEDDING_DTYPES
 from producer.formats import SHARD_FORMATS
 from producer.jobs import (
     JOB_STATES,
@@ -34,6 +35,7 @@ from producer.redact import redact_url
 from producer.settings import Settings
 from producer.spec import JobSpec, local_root
 from producer.state import JobStatus
+from producer.templates import TEMPLATE_SETS
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument(
         "--skip-existing", metavar="PREFIX",
-        help="leave out images that earlier jobs under this S3 prefix or folder classified without error, with the same model, labels, templates and top-k",
+        help="leave out images that earlier jobs under this S3 prefix or folder classified without error, with the same model, labels, templates, top-k, threshold and multi-label mode",
     )
     submit.set_defaults(handler=cmd_submit)
 
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--wait", action="store_true", help="wait for the retry to finish and print the job's summary")
     retry.add_argument("--timeout-s", type=float, default=None, help="with --wait, give up waiting after this many seconds")
     retry.set_defaults(handler=cmd_retry)
+
+    _add_relabel_command(commands)
 
     compact = commands.add_parser("compact", help="merge a finished job's shards into a few large files under OUTPUT/JOB_ID/compacted/")
     compact.add_argument("job_id", metavar="JOB")
@@ -238,12 +242,33 @@ def _add_job_arguments(command: argparse.ArgumentParser) -> None:
     labels.add_argument("--labels", help="comma-separated class names, for example cat,dog,car")
     labels.add_argument("--labels-file", type=Path, help="file with one class name per line, or a .json list or {label: [prompts]} mapping")
     command.add_argument("--output", required=True, help="s3://bucket/prefix/ or a local folder; results go under OUTPUT/JOB_ID/")
-    command.add_argument("--template", action="append", dest="templates", help="prompt template with {} for the label; repeat for an ensemble (default 'a photo of a {}.')")
+    templates = command.add_mutually_exclusive_group()
+    templates.add_argument("--template", action="append", dest="templates", help="prompt template with {} for the label; repeat for an ensemble (default 'a photo of a {}.')")
+    templates.add_argument(
+        "--template-set", choices=sorted(TEMPLATE_SETS), default=None,
+        help="use a built-in set of templates instead of --template: 'default' (one template) or 'photo' (21 photo-style wordings)",
+    )
     command.add_argument("--model", help="hub id or local directory of a CLIP checkpoint (default: CLIPFLEET_MODEL)")
     command.add_argument("--batch-size", type=int, help="images per task (default: CLIPFLEET_BATCH_SIZE, 64)")
     command.add_argument("--top-k", type=int, default=5, help="labels kept per image, best first (default 5)")
+    command.add_argument(
+        "--threshold", type=float, default=None,
+        help="keep only top-k labels scoring at least this: 0 to 1 for probabilities, -1 to 1 with --multi-label (default: keep all)",
+    )
+    command.add_argument(
+        "--multi-label", action="store_true",
+        help="score each label by its raw cosine similarity to the image instead of a softmax over the labels",
+    )
     command.add_argument("--extensions", help="comma-separated image extensions to list (default .jpg,.jpeg,.png,.webp,.gif,.bmp,.tif,.tiff)")
     command.add_argument("--format", choices=SHARD_FORMATS, default="jsonl", help="result shard format: jsonl (default) or parquet")
+    command.add_argument(
+        "--store-embeddings", action="store_true",
+        help="also write each image's normalised embedding next to its shard, as part-NNNNNN.embeddings.parquet, for `clipfleet relabel`",
+    )
+    command.add_argument(
+        "--embeddings-dtype", choices=EMBEDDING_DTYPES, default=DEFAULT_EMBEDDING_DTYPE,
+        help="with --store-embeddings, the stored type: float16 (default, 2 bytes per value) or float32",
+    )
 
 
 def read_labels(args: argparse.Namespace) -> list[str] | dict[str, list[str]]:
@@ -278,6 +303,11 @@ def _spec(settings: Settings, args: argparse.Namespace) -> JobSpec:
         top_k=args.top_k,
         extensions=extensions,
         format=args.format,
+        template_set=args.template_set,
+        threshold=args.threshold,
+        multi_label=args.multi_label,
+        store_embeddings=args.store_embeddings,
+        embeddings_dtype=args.embeddings_dtype,
     )
 
 
@@ -454,6 +484,41 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return _exit_code(status)
 
 
+def _add_relabel_command(commands: Any) -> None:
+    relabel = commands.add_parser("relabel", help="score a finished job's stored embeddings against new labels, without reading any image")
+    relabel.add_argument("job_id", metavar="JOB", help="a succeeded job run with --store-embeddings")
+    labels = relabel.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help="comma-separated class names, for example cat,dog,car")
+    labels.add_argument("--labels-file", type=Path, help="file with one class name per line, or a .json list or {label: [prompts]} mapping")
+    relabel.add_argument("--output", required=True, help="s3://bucket/prefix/ or a local folder; results go under OUTPUT/NEW_JOB_ID/")
+    templates = relabel.add_mutually_exclusive_group()
+    templates.add_argument("--template", action="append", dest="templates", help="prompt template with {} for the label; repeat for an ensemble")
+    templates.add_argument("--template-set", choices=sorted(TEMPLATE_SETS), default=None, help="use a built-in set of templates instead of --template")
+    relabel.add_argument("--top-k", type=int, default=5, help="labels kept per image, best first (default 5)")
+    relabel.add_argument("--threshold", type=float, default=None, help="keep only top-k labels scoring at least this, as for `submit`")
+    relabel.add_argument("--multi-label", action="store_true", help="score each label by its raw cosine similarity, as for `submit`")
+    relabel.add_argument("--format", choices=SHARD_FORMATS, default="jsonl", help="result shard format: jsonl (default) or parquet")
+    relabel.add_argument("--model", help="must be the source job's model, which is the default; any other is rejected")
+    relabel.add_argument("--wait", action="store_true", help="wait for the job to finish and print its summary")
+    relabel.set_defaults(handler=cmd_relabel)
+
+
+def cmd_relabel(args: argparse.Namespace) -> int:
+    """Submit a relabel job of a finished job's stored embeddings; with --wait, print its summary like `submit --wait`."""
+    client = Client(Settings())
+    started = time.monotonic()
+    job = client.relabel(
+        args.job_id, read_labels(args), args.output, templates=args.templates, top_k=args.top_k, format=args.format,
+        model=args.model, template_set=args.template_set, threshold=args.threshold, multi_label=args.multi_label,
+    )
+    print(job.id)
+    if not args.wait:
+        return 0
+    status = job.wait(progress=sys.stderr.isatty())
+    _print_summary(job, status, time.monotonic() - started)
+    return _exit_code(status)
+
+
 def cmd_compact(args: argparse.Namespace) -> int:
     """Compact a finished job's shards and print one line per file written."""
     from producer.compact import compact_job
@@ -495,7 +560,7 @@ def _print_summary(job: Job, status: JobStatus, elapsed_s: float) -> None:
     labels: Counter[str] = Counter()
     for row in job.results():
         if not row["error"]:
-            labels[row["label"]] += 1
+            labels[row["label"] if row["label"] is not None else "(no label at or above the threshold)"] += 1
     print(f"job {job.id}: {status.state}")
     if status.error:
         print(f"  error: {status.error}")

@@ -120,6 +120,11 @@ class Client:
         extensions: Sequence[str] | None = None,
         format: str = "jsonl",
         *,
+        template_set: str | None = None,
+        threshold: float | None = None,
+        multi_label: bool = False,
+        store_embeddings: bool = False,
+        embeddings_dtype: str = "float16",
         detach: bool = False,
         resume: bool = False,
         skip_existing: str | None = None,
@@ -127,13 +132,50 @@ class Client:
         """Validate a job, list its sources and enqueue one task per batch. Returns once every batch is enqueued,
         or with `detach`, once the job exists (see `submit_spec` for `detach`, `resume` and `skip_existing`).
 
+        `template_set` names a built-in set of producer.templates.TEMPLATE_SETS to use instead of `templates`.
+        `multi_label` scores each label by its raw cosine similarity instead of a softmax over the labels, and
+        `threshold` drops top-k entries scoring below it (see README.md, Results). `store_embeddings` writes
+        each image's normalised embedding, as `embeddings_dtype`, next to its shard (see producer.embeddings).
+
         Raises InvalidJobSpec for an invalid spec, a bucket outside CLIPFLEET_ALLOWED_BUCKETS, more labels
         than CLIPFLEET_MAX_LABELS, an output that cannot be written or a malformed manifest line. Raises
         SourceError for a source that cannot be listed. Nothing is enqueued in any of these cases. Prompts
         longer than the model's text context are only logged as warnings.
         """
-        spec = make_spec(self.settings, source, labels, output, templates, model, batch_size, top_k, extensions, format)
+        spec = make_spec(
+            self.settings, source, labels, output, templates, model, batch_size, top_k, extensions, format,
+            template_set=template_set, threshold=threshold, multi_label=multi_label,
+            store_embeddings=store_embeddings, embeddings_dtype=embeddings_dtype,
+        )
         return self.submit_spec(spec, detach=detach, resume=resume, skip_existing=skip_existing)
+
+    def relabel(
+        self,
+        job_id: str,
+        labels: Sequence[str] | Mapping[str, Sequence[str]],
+        output: str,
+        templates: Sequence[str] | None = None,
+        top_k: int = 5,
+        format: str = "jsonl",
+        *,
+        model: str | None = None,
+        detach: bool = False,
+        **options: Any,
+    ) -> "Job":
+        """Submit a job that scores the stored embeddings of job `job_id` against `labels`; see producer.relabel.
+
+        No image is fetched and the image tower does not run. `options` are `submit`'s scoring options
+        (template_set, threshold, multi_label). Raises JobNotFound for an unknown job, RelabelNotPossible for
+        a job without stored embeddings, unfinished, or of another model than `model`, and InvalidJobSpec
+        as `submit` does.
+        """
+        from producer.relabel import relabel_spec
+
+        spec = relabel_spec(
+            self.settings, self.store, self.storage, job_id, labels, output,
+            model=model, templates=templates, top_k=top_k, format=format, **options,
+        )
+        return self.submit_spec(spec, detach=detach)
 
     def submit_spec(
         self,
@@ -261,6 +303,10 @@ class Client:
         self, spec: JobSpec, stats: ListingStats, skip_existing: str | None
     ) -> tuple[Iterator[str], ClassifiedUris | None]:
         """Return the job's image URIs as a stream, without those `skip_existing` finds classified already."""
+        if spec.relabel is not None:
+            from producer.relabel import iter_relabel_uris
+
+            return iter_relabel_uris(self.storage, spec, stats), None
         uris = iter_sources(spec.sources, self.storage, spec.extensions, stats, self.settings.allowed_buckets)
         if not skip_existing:
             return uris, None
@@ -578,13 +624,23 @@ def make_spec(
     top_k: int = 5,
     extensions: Sequence[str] | None = None,
     format: str = "jsonl",
+    *,
+    template_set: str | None = None,
+    threshold: float | None = None,
+    multi_label: bool = False,
+    store_embeddings: bool = False,
+    embeddings_dtype: str = "float16",
 ) -> JobSpec:
     """Validate a job, filling unset fields from `settings`, and log a warning for each prompt the model truncates.
 
-    Raises InvalidJobSpec naming each invalid field, more labels than CLIPFLEET_MAX_LABELS, or a bucket outside
-    CLIPFLEET_ALLOWED_BUCKETS.
+    Raises InvalidJobSpec naming each invalid field, more labels than CLIPFLEET_MAX_LABELS, a bucket outside
+    CLIPFLEET_ALLOWED_BUCKETS, an unknown `template_set` or one given together with `templates`.
     """
-    spec = build_spec(**_spec_fields(settings, source, labels, output, templates, model, batch_size, top_k, extensions), format=format)
+    spec = build_spec(
+        **_spec_fields(settings, source, labels, output, templates, model, batch_size, top_k, extensions),
+        format=format, template_set=template_set, threshold=threshold, multi_label=multi_label,
+        store_embeddings=store_embeddings, embeddings_dtype=embeddings_dtype,
+    )
     check_job_size(spec, settings.max_labels, settings.max_prompts)
     allowed = set(settings.allowed_buckets)
     outside = sorted(spec.buckets() - allowed) if allowed else []

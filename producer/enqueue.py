@@ -169,9 +169,20 @@ def enqueue_listing(
     return EnqueueOutcome(batch, sent, passed_over, False, sender.paused_s)
 
 
+# The JobSpec fields that every digest covers. A field added to JobSpec later enters the digest only when it
+# differs from its default, so jobs submitted before it existed keep their digest and `--resume` finds them.
+DIGEST_BASE_FIELDS = frozenset(
+    {"source", "labels", "templates", "output", "model", "model_revision", "batch_size", "top_k", "extensions", "format"}
+)
+
+
 def spec_digest(spec: JobSpec) -> str:
     """Return a digest of the whole spec (sources, labels, templates, model, output, batch size, format, ...)."""
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+    at_default = {
+        name for name, field in JobSpec.model_fields.items()
+        if name not in DIGEST_BASE_FIELDS and getattr(spec, name) == field.get_default(call_default_factory=True)
+    }
+    return hashlib.sha256(spec.model_dump_json(exclude=at_default).encode()).hexdigest()
 
 
 def index_spec(client: redis.Redis, digest: str, job_id: str) -> None:

@@ -2,8 +2,9 @@
 
 An earlier job counts when its folder under PREFIX contains a job summary (`_SUCCESS.json`, or
 `_CANCELLED.json` for the partial results of a cancelled job) with the same model, model revision,
-prompts (labels and templates) and top-k as the new job. Its rows without an error are the images
-to leave out. The URIs are kept in a `FingerprintSet` on disk, so memory does not grow with them.
+prompts (labels and templates), top-k, threshold and multi-label mode as the new job. Its rows
+without an error are the images to leave out. The URIs are kept in a `FingerprintSet` on disk, so
+memory does not grow with them.
 """
 
 from __future__ import annotations
@@ -80,13 +81,16 @@ def check_skip_existing(prefix: str) -> str:
 
 
 def matches(summary: dict[str, Any], spec: JobSpec) -> bool:
-    """Return whether an earlier job's summary has the same model, revision, prompts and top-k as `spec`."""
+    """Return whether an earlier job's summary has the same model, revision, prompts, top-k, threshold and
+    multi-label mode as `spec`. Summaries written before the threshold and multi-label options match the defaults."""
     same_revision = spec.model_revision is None or summary.get("model_revision") == spec.model_revision
     return (
         summary.get("model") == spec.model
         and same_revision
         and summary.get("prompts") == spec.prompts
         and summary.get("top_k", spec.top_k) == spec.top_k
+        and summary.get("threshold") == spec.threshold
+        and summary.get("multi_label", False) == spec.multi_label
     )
 
 

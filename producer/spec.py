@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from producer.constants import (
     DEFAULT_IMAGE_EXTENSIONS,
@@ -18,8 +18,16 @@ from producer.constants import (
     DEFAULT_TEMPLATES,
     MAX_BATCH_SIZE,
 )
+from producer.embeddings import (
+    DEFAULT_EMBEDDING_DTYPE,
+    EmbeddingDtype,
+    RelabelSource,
+    check_embedding_options,
+)
 from producer.errors import InvalidJobSpec
 from producer.sources import is_read_at_submit
+from producer.templates import check_template_choice, expand_template_set
+from producer.thresholds import check_threshold
 from producer.uris import S3Uri, parse_location
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,32 @@ class JobSpec(BaseModel):
     extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS))
     # Result shard format; the Parquet schema is producer.formats.RESULT_SCHEMA.
     format: Literal["jsonl", "parquet"] = "jsonl"
+    # The built-in set (producer.templates.TEMPLATE_SETS) that `templates` was filled from, or None.
+    template_set: str | None = None
+    # Score each label by its raw cosine similarity instead of a softmax over the labels (see workers.rows).
+    multi_label: bool = False
+    # Lowest score kept in top_k: 0 to 1 for softmax probabilities, -1 to 1 for multi-label cosines.
+    threshold: float | None = None
+    # Each image's normalised embedding written next to its shard; see producer.embeddings.
+    store_embeddings: bool = False
+    embeddings_dtype: EmbeddingDtype = DEFAULT_EMBEDDING_DTYPE
+    # Set for a relabel job: it scores this job's stored embeddings, and `source` is that job's result folder.
+    relabel: RelabelSource | None = None
+
+    @model_validator(mode="after")
+    def _check_embedding_fields(self) -> "JobSpec":
+        check_embedding_options(self.store_embeddings, self.embeddings_dtype, self.relabel, self.source)
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_template_set(cls, data: Any) -> Any:
+        return expand_template_set(data)
+
+    @field_validator("threshold")
+    @classmethod
+    def _check_threshold(cls, value: float | None, info: ValidationInfo) -> float | None:
+        return check_threshold(value, bool(info.data.get("multi_label", False)))
 
     @field_validator("source")
     @classmethod
@@ -248,6 +282,7 @@ def build_spec(**fields: Any) -> JobSpec:
 
     Raises InvalidJobSpec whose message names each invalid field, its value and the fix.
     """
+    check_template_choice(fields)
     try:
         spec = JobSpec(**fields)
     except ValidationError as e:

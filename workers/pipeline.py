@@ -31,13 +31,16 @@ from producer.messages import BatchMessage
 from producer.results import count_rows, finalize_job, read_shard, replace_rows, write_shard
 from producer.settings import Settings
 from producer.spec import JobSpec
-from workers.classify import encode_images, score, top_k_rows
+from workers.classify import encode_images
 from workers.fetch import fetch_bytes
 from workers.images import ImageError, decode_image, image_pixels
 from workers.metrics import observe_batch
 from workers.model import LoadedModel, ModelLoadError
 from workers.policy import JobRejected, allowed_local_root, check_job
+from workers.relabel import RelabelRejected, relabel_uris
+from workers.rows import build_result_rows
 from workers.runtime import WorkerRuntime
+from workers.stored_embeddings import EmbeddingCollector, write_batch_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +110,24 @@ def process_batch(runtime: WorkerRuntime, message: BatchMessage) -> BatchOutcome
         runtime.store.fail(job_id, str(e))
         return BatchOutcome(job_id, batch, attempt, "skipped_failed")
     runtime.store.set_field_once(job_id, "model_revision", loaded.revision or "")
+    collector = EmbeddingCollector.for_model(loaded) if spec.store_embeddings else None
     try:
-        rows, durations = classify_uris(runtime, spec, loaded, message.uris, job_id=job_id, batch=batch)
+        if spec.relabel is not None:
+            rows, durations = relabel_uris(runtime, spec, loaded, message.uris, job_id, batch)
+        else:
+            rows, durations = classify_uris(runtime, spec, loaded, message.uris, job_id=job_id, batch=batch, embeddings=collector)
+    except RelabelRejected as e:
+        # Every batch reads the same source job's embeddings, so the job fails now.
+        logger.error("Job %s failed: %s", job_id, e)
+        runtime.store.fail(job_id, str(e))
+        return BatchOutcome(job_id, batch, attempt, "skipped_failed")
     except BatchAbandoned as e:
         logger.info(
             "Job %s batch %d attempt %d abandoned after %d of %d images: the job is %s; no shard written, batch not counted",
             job_id, batch, attempt, e.images_read, len(message.uris), e.state,
         )
         return BatchOutcome(job_id, batch, attempt, f"abandoned_{e.state}")
-    return _finish(runtime, spec, message, attempt, rows, "written", durations)
+    return _finish(runtime, spec, message, attempt, rows, "written", durations, collector)
 
 
 class BatchAbandoned(Exception):
@@ -159,12 +171,13 @@ def _finish(
     rows: list[dict[str, Any]],
     status: str,
     durations: dict[str, float],
+    embeddings: EmbeddingCollector | None = None,
 ) -> BatchOutcome:
     started = time.perf_counter()
     if message.retry_round:
-        counted, completed = _merge_and_record(runtime, spec, message, rows, status)
+        counted, completed = _merge_and_record(runtime, spec, message, rows, status, embeddings)
     else:
-        counted, completed = _write_and_record(runtime, spec, message, rows, status)
+        counted, completed = _write_and_record(runtime, spec, message, rows, status, embeddings)
     durations["write"] = time.perf_counter() - started
     if completed:
         finalize_job(runtime.store, runtime.storage, message.job_id)
@@ -182,10 +195,18 @@ def _finish(
 
 
 def _write_and_record(
-    runtime: WorkerRuntime, spec: JobSpec, message: BatchMessage, rows: list[dict[str, Any]], status: str
+    runtime: WorkerRuntime,
+    spec: JobSpec,
+    message: BatchMessage,
+    rows: list[dict[str, Any]],
+    status: str,
+    embeddings: EmbeddingCollector | None = None,
 ) -> tuple[bool, bool]:
     """Write a first-run batch's shard and count it. Returns `JobStore.record_batch`'s `(counted, completed)`."""
     try:
+        if spec.store_embeddings:
+            # Before the shard, whose existence marks the batch done for `resume`.
+            write_batch_embeddings(runtime.storage, spec, message.job_id, message.batch, rows, embeddings)
         write_shard(runtime.storage, spec, message.job_id, message.batch, rows)
     except StorageError:
         if status != "attempts_exceeded":
@@ -197,7 +218,12 @@ def _write_and_record(
 
 
 def _merge_and_record(
-    runtime: WorkerRuntime, spec: JobSpec, message: BatchMessage, rows: list[dict[str, Any]], status: str
+    runtime: WorkerRuntime,
+    spec: JobSpec,
+    message: BatchMessage,
+    rows: list[dict[str, Any]],
+    status: str,
+    embeddings: EmbeddingCollector | None = None,
 ) -> tuple[bool, bool]:
     """Replace the rows of a retry batch's URIs in its shard, rewrite the shard and count the batch.
 
@@ -210,6 +236,8 @@ def _merge_and_record(
         merged, unknown = replace_rows(read_shard(runtime.storage, spec, job_id, batch), rows)
         if unknown:
             logger.warning("Job %s batch %d: %d retried URIs are not in its shard and were dropped, such as %r", job_id, batch, len(unknown), unknown[0])
+        if spec.store_embeddings:
+            write_batch_embeddings(runtime.storage, spec, job_id, batch, merged, embeddings, merge=True)
         write_shard(runtime.storage, spec, job_id, batch, merged)
     except StorageError:
         if status != "attempts_exceeded":
@@ -221,7 +249,14 @@ def _merge_and_record(
 
 
 def classify_uris(
-    runtime: WorkerRuntime, spec: JobSpec, loaded: LoadedModel, uris: list[str], *, job_id: str | None = None, batch: int | None = None
+    runtime: WorkerRuntime,
+    spec: JobSpec,
+    loaded: LoadedModel,
+    uris: list[str],
+    *,
+    job_id: str | None = None,
+    batch: int | None = None,
+    embeddings: EmbeddingCollector | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Return one result row per URI, in order, and the seconds spent per stage.
 
@@ -249,7 +284,7 @@ def classify_uris(
             if job_id is not None:
                 _stop_if_job_ended(runtime, job_id, futures, index + 1)
             with stages.timed("model"):
-                _score_pending(loaded, spec, label_embeddings, pending, uris, rows)
+                _score_pending(loaded, spec, label_embeddings, pending, uris, rows, embeddings)
             pending = []
     return [row for row in rows if row is not None], stages.seconds
 
@@ -328,12 +363,15 @@ def _score_pending(
     pending: list[tuple[int, np.ndarray]],
     uris: list[str],
     rows: list[Any],
+    embeddings: EmbeddingCollector | None = None,
 ) -> None:
     pixels = np.stack([item for _, item in pending])  # [micro_batch, 3, H, W]
     image_embeddings = encode_images(loaded, pixels)  # [micro_batch, dim]
-    probabilities = score(image_embeddings, label_embeddings, loaded.logit_scale)  # [micro_batch, labels]
-    for (index, _), top in zip(pending, top_k_rows(probabilities, spec.label_names, spec.top_k)):
-        rows[index] = {"uri": uris[index], "label": top[0]["label"], "score": top[0]["score"], "top_k": top, "error": None}
+    if embeddings is not None:
+        embeddings.add([uris[index] for index, _ in pending], image_embeddings)
+    scored = build_result_rows([uris[index] for index, _ in pending], image_embeddings, label_embeddings, spec, loaded.logit_scale)
+    for (index, _), row in zip(pending, scored):
+        rows[index] = row
 
 
 def load_pixels(
