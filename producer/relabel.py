@@ -12,7 +12,9 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from producer.constants import STATE_SUCCEEDED
+from producer.compact import COMPACTED_FOLDER, MANIFEST_NAME
+from producer.constants import STATE_QUEUED, STATE_RUNNING, STATE_SUCCEEDED
+from producer.embeddings import embeddings_name
 from producer.errors import ClipfleetError
 from producer.results import job_output, list_shards, read_rows
 from producer.sources import ListingStats
@@ -45,10 +47,8 @@ def check_relabel_source(store: JobStore, storage: Storage, job_id: str, model: 
         )
     state = store.state(job_id)
     if state != STATE_SUCCEEDED:
-        raise RelabelNotPossible(
-            f"job {job_id} is {state}: only a succeeded job has an embeddings file for every batch; "
-            "wait for it to finish (`clipfleet wait`) or submit it again"
-        )
+        fix = "wait for it to finish (`clipfleet wait`)" if state in (STATE_QUEUED, STATE_RUNNING) else "submit it again with --store-embeddings, or `clipfleet submit --resume` it"
+        raise RelabelNotPossible(f"job {job_id} is {state}: only a succeeded job has an embeddings file for every batch; {fix}")
     if model is not None and model != source.model:
         raise RelabelNotPossible(
             f"job {job_id} stored embeddings of model {source.model!r}, not {model!r}: text and image embeddings "
@@ -66,15 +66,33 @@ def check_relabel_source(store: JobStore, storage: Storage, job_id: str, model: 
 
 
 def _check_shards(store: JobStore, storage: Storage, job_id: str, source: JobSpec) -> None:
-    """Raise RelabelNotPossible when a batch of the source job has no shard, since its rows would be lost."""
+    """Raise RelabelNotPossible when a batch of the source job has no shard, since its rows would be lost, or
+    has classified images but no embeddings file."""
     batches_total = int(store.fields(job_id).get("batches_total") or 0)
-    found = {batch for batch, _ in list_shards(storage, job_output(source, job_id))}
+    folder = job_output(source, job_id)
+    names = set(storage.list_names(folder))
+    found = {batch for batch, _ in list_shards(storage, folder)}
     missing = sorted(set(range(batches_total)) - found)
+    if missing and storage.exists(join_location(folder, f"{COMPACTED_FOLDER}/{MANIFEST_NAME}")):
+        raise RelabelNotPossible(
+            f"job {job_id} has no shard for {len(missing)} of its {batches_total} batches, such as batch {missing[0]}, "
+            "because `clipfleet compact --delete-shards` removed them; relabel reads each batch's shard with its "
+            "embeddings file, so submit a full job with the new labels"
+        )
     if missing:
         raise RelabelNotPossible(
             f"job {job_id} has no shard for {len(missing)} of its {batches_total} batches, such as batch {missing[0]}; "
             "restore its shards or submit a full job with the new labels"
         )
+    for batch, name in list_shards(storage, folder):
+        if embeddings_name(batch) in names:
+            continue
+        # A batch stopped by the delivery cap before its model ran has only error rows and no embeddings file.
+        if any(row["error"] is None for row in read_rows(storage, join_location(folder, name))):
+            raise RelabelNotPossible(
+                f"job {job_id} has no embeddings file {embeddings_name(batch)!r} for batch {batch}, whose shard lists "
+                f"classified images, in {folder!r}; restore the file or submit a full job with the new labels"
+            )
 
 
 def relabel_spec(

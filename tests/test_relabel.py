@@ -312,6 +312,36 @@ def test_worker_rejects_embeddings_of_other_model(client: Client, source: dict[s
     assert "someone/other-clip" in (status.error or "")
 
 
+def test_relabel_missing_embeddings_file_rejected(client: Client, source: dict[str, Any], relabelled: dict[str, Any]) -> None:
+    """Batch 1's shard lists classified images but its embeddings file is gone: refused before enqueueing."""
+    job_id = source["job"].id
+    key = f"source/{job_id}/{embeddings_name(1)}"
+    original = stored_body(client, job_id, "source", 1)
+    client.storage.client.delete_object(Bucket=OUTPUT, Key=key)
+    try:
+        with pytest.raises(RelabelNotPossible, match=r"no embeddings file 'part-000001\.embeddings\.parquet' for batch 1"):
+            client.relabel(job_id, ["dog", "cat"], f"s3://{OUTPUT}/missing/")
+    finally:
+        client.storage.client.put_object(Bucket=OUTPUT, Key=key, Body=original)
+    assert client.store.redis.llen(client.settings.queue) == 0
+
+
+def test_worker_fails_job_on_invalid_embeddings_file(client: Client, source: dict[str, Any], relabelled: dict[str, Any]) -> None:
+    """A file that is not Parquet fails the relabel job at its batch, without retrying until the delivery cap."""
+    job_id = source["job"].id
+    key = f"source/{job_id}/{embeddings_name(0)}"
+    original = stored_body(client, job_id, "source", 0)
+    client.storage.client.put_object(Bucket=OUTPUT, Key=key, Body=b"not parquet")
+    try:
+        job = client.relabel(job_id, ["dog", "cat"], f"s3://{OUTPUT}/invalid/")
+        status = job.wait(timeout_s=WAIT_S, progress=False)
+    finally:
+        client.storage.client.put_object(Bucket=OUTPUT, Key=key, Body=original)
+    assert status.state == "failed"
+    assert f"{embeddings_name(0)}' is invalid" in (status.error or "")
+    assert int(client.store.fields(job.id).get("retries:batch", 0)) == 0
+
+
 def test_retry_round_updates_embeddings(client: Client, source: dict[str, Any], relabelled: dict[str, Any]) -> None:
     """A retry that classifies the once-corrupt image adds its vector to batch 2's file, in row order."""
     job = source["job"]
@@ -335,5 +365,5 @@ def test_compaction_keeps_embeddings(client: Client, source: dict[str, Any], rel
     names = client.storage.list_names(f"s3://{OUTPUT}/source/{job_id}")
     assert compaction.shards_deleted == 3
     assert sorted(name for name in names if name.endswith(".embeddings.parquet")) == [embeddings_name(batch) for batch in range(3)]
-    with pytest.raises(RelabelNotPossible, match="no shard"):
+    with pytest.raises(RelabelNotPossible, match=r"no shard .* because `clipfleet compact --delete-shards` removed them"):
         client.relabel(job_id, ["x"], f"s3://{OUTPUT}/relabel/")

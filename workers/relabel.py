@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from producer.embeddings import RelabelSource, StoredEmbeddings, embeddings_location
+from producer.embeddings import (
+    RelabelSource,
+    StoredEmbeddings,
+    decode_embeddings,
+    embeddings_location,
+)
 from producer.errors import ClipfleetError, StorageError
 from producer.formats import shard_name
 from producer.results import read_rows
@@ -23,13 +28,13 @@ from producer.storage import join_location
 from workers.model import LoadedModel
 from workers.rows import build_result_rows
 from workers.runtime import WorkerRuntime
-from workers.stored_embeddings import read_embeddings
 
 logger = logging.getLogger(__name__)
 
 
 class RelabelRejected(ClipfleetError):
-    """The stored embeddings do not fit the relabel job (another model, revision or dimension), so the job fails."""
+    """The stored embeddings cannot serve the relabel job (missing, invalid, or of another model, revision or
+    dimension), so the job fails."""
 
 
 def relabel_uris(
@@ -39,8 +44,8 @@ def relabel_uris(
 
     Stages are `read_source` (the source shard and embeddings file) and `score` (text tower, when its
     prompts are not cached, and scoring). Raises RelabelRejected when the stored embeddings came from
-    another model, and StorageError when the source shard or embeddings file is missing, unreadable or
-    does not list a URI of the batch.
+    another model or the embeddings file is missing, invalid or lacks a vector of the batch, and StorageError
+    when the source shard cannot be read or does not list a URI of the batch.
     """
     if spec.relabel is None:
         raise ValueError(f"job spec for source {spec.source!r} is not a relabel job; call classify_uris instead")
@@ -85,12 +90,21 @@ def _stored_vectors(runtime: WorkerRuntime, spec: JobSpec, loaded: LoadedModel, 
     if not uris:
         return np.zeros((0, 0), dtype=np.float32)
     location = embeddings_location(str(spec.source), batch)
-    stored = read_embeddings(runtime.storage, location)
+    # A missing or invalid file stays so on every retry, so the job fails at once instead.
+    if not runtime.storage.exists(location):
+        raise RelabelRejected(
+            f"embeddings file {location!r} is missing, so the {len(uris)} classified images of batch {batch} cannot "
+            "be relabelled; restore the file, or submit a full job with the new labels"
+        )
+    try:
+        stored = decode_embeddings(runtime.storage.get_bytes(location))
+    except ValueError as e:
+        raise RelabelRejected(f"embeddings file {location!r} is invalid: {e}; restore the file, or submit a full job with the new labels") from e
     check_stored_model(stored, spec, loaded, location)
     by_uri = stored.by_uri()
     missing = [uri for uri in uris if uri not in by_uri]
     if missing:
-        raise StorageError(
+        raise RelabelRejected(
             f"embeddings file {location!r} has no vector for {len(missing)} classified images, such as {missing[0]!r}; "
             "run the source job again with --store-embeddings"
         )
