@@ -20,12 +20,8 @@ It prints a table and ends with one line `RESULT {json}` for scripts. Figures va
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +36,7 @@ import torch
 
 from benchmarks import _images, _model
 from benchmarks._options import positive_int
+from benchmarks._runner import run_benchmark
 from producer.constants import PROMPT_CACHE_KEY
 from producer.spec import JobSpec, build_spec
 from producer.templates import TEMPLATE_SETS
@@ -79,26 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)  # show progress when the output goes to a file or pipe
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="clipfleet-prompt-bench-"))
-    try:
-        result = run(args, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    line = json.dumps(result, sort_keys=True)
-    if args.json:
-        args.json.write_text(line + "\n")
-    print("RESULT " + line, flush=True)
-    return 0
-
-
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return run_benchmark(parse_args(argv), run, "clipfleet-prompt-bench-")
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

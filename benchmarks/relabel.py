@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +29,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks import _images, _model, _stack  # noqa: E402
 from benchmarks._options import positive_int  # noqa: E402
+from benchmarks._runner import run_benchmark  # noqa: E402
 
 TEMPLATE = "a photo of a {}."
 INPUT_BUCKET = "bench-input"
@@ -56,26 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="clipfleet-relabel-bench-"))
-    try:
-        result = run(args, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    line = json.dumps(result, sort_keys=True)
-    if args.json:
-        args.json.write_text(line + "\n")
-    print("RESULT " + line, flush=True)
-    return 0
-
-
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return run_benchmark(parse_args(argv), run, "clipfleet-relabel-bench-")
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

@@ -19,12 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks import _images, _model, _stack  # noqa: E402
 from benchmarks._options import positive_float, positive_int  # noqa: E402
+from benchmarks._runner import run_benchmark  # noqa: E402
 
 TEMPLATE = "a photo of a {}."
 DEFAULT_MODEL_BATCH_SIZE = 32
@@ -102,26 +99,7 @@ def model_batch_size() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)  # show progress when the output goes to a file or pipe
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="clipfleet-bench-"))
-    try:
-        result = run(args, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    line = json.dumps(result, sort_keys=True)
-    if args.json:
-        args.json.write_text(line + "\n")
-    print("RESULT " + line, flush=True)
-    return 0
-
-
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return run_benchmark(parse_args(argv), run, "clipfleet-bench-")
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
