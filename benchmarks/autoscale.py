@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import re
 import shlex
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -169,76 +171,166 @@ class Scenario:
 # Reading the manifests
 
 
+class ManifestError(ValueError):
+    """A manifest under the ops folder that is missing, unreadable, or holds a value the simulation cannot use.
+
+    The message names the file, the field path and the value, and says what is allowed.
+    """
+
+
 def _yaml_documents(path: Path) -> list[dict[str, Any]]:
     try:
-        return [document for document in yaml.safe_load_all(path.read_text(encoding="utf-8")) if document]
+        documents = [document for document in yaml.safe_load_all(path.read_text(encoding="utf-8")) if document]
     except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"failed to read the manifest {path}: {e}") from e
+        raise ManifestError(f"failed to read the manifest {path}: {e}") from e
+    for document in documents:
+        if not isinstance(document, dict):
+            raise ManifestError(f"invalid document {document!r} in {path}: expected a mapping with a kind")
+    return documents
 
 
 def _find_kind(path: Path, kind: str) -> dict[str, Any]:
     matches = [document for document in _yaml_documents(path) if document.get("kind") == kind]
     if len(matches) != 1:
-        raise ValueError(f"expected one {kind} in {path}, found {len(matches)}")
+        raise ManifestError(f"expected one {kind} in {path}, found {len(matches)}")
     return matches[0]
 
 
-def _parse_rules(rules: dict[str, Any] | None, default: ScalingRules) -> ScalingRules:
-    """Fill the fields a behavior leaves out with the HPA's defaults for that direction."""
+def _mapping(parent: dict[str, Any], key: str, path: Path, field_path: str, required: bool = False) -> dict[str, Any]:
+    """Return `parent[key]` when it is a mapping, {} when it is absent and not `required`; raise ManifestError otherwise."""
+    value = parent.get(key)
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise ManifestError(f"invalid {field_path} {value!r} in {path}: expected a mapping")
+    return value
+
+
+def _integer(value: Any, path: Path, field_path: str, minimum: int, maximum: int | None = None) -> int:
+    """Return `value` as an int within [minimum, maximum].
+
+    Accepts YAML integers and decimal strings, because KEDA's trigger metadata values are strings. Raises
+    ManifestError for anything else (booleans, fractions, words) and for values out of range.
+    """
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        number = int(value)
+    allowed = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+    if number is None or number < minimum or (maximum is not None and number > maximum):
+        raise ManifestError(f"invalid {field_path} {value!r} in {path}: expected {allowed}")
+    return number
+
+
+def _parse_policy(policy: Any, path: Path, field_path: str) -> ScalingPolicy:
+    if not isinstance(policy, dict):
+        raise ManifestError(f"invalid {field_path} {policy!r} in {path}: expected a mapping with type, value and periodSeconds")
+    kind = policy.get("type")
+    if kind not in ("Pods", "Percent"):
+        raise ManifestError(f"invalid {field_path}.type {kind!r} in {path}: expected 'Pods' or 'Percent'")
+    # The HPA API's limits: value > 0, 0 < periodSeconds <= 1800 (autoscaling/v2 HPAScalingPolicy).
+    value = _integer(policy.get("value"), path, f"{field_path}.value", minimum=1)
+    period_s = _integer(policy.get("periodSeconds"), path, f"{field_path}.periodSeconds", minimum=1, maximum=1800)
+    return ScalingPolicy(kind, value, period_s)
+
+
+def _parse_rules(behavior: dict[str, Any], direction: str, default: ScalingRules, path: Path, behavior_path: str) -> ScalingRules:
+    """Read the behavior of one direction, filling the fields it leaves out with the HPA's defaults for it.
+
+    Raises ManifestError for a value the HPA API rejects.
+    """
+    field_path = f"{behavior_path}.{direction}"
+    rules = _mapping(behavior, direction, path, field_path)
     if not rules:
         return default
-    policies = tuple(
-        ScalingPolicy(str(policy["type"]), int(policy["value"]), int(policy["periodSeconds"])) for policy in rules.get("policies", [])
-    )
-    return ScalingRules(
-        int(rules.get("stabilizationWindowSeconds", default.stabilization_window_s)),
-        str(rules.get("selectPolicy", default.select_policy)),
-        policies or default.policies,
-    )
+    policies_value = rules.get("policies", [])
+    if not isinstance(policies_value, list):
+        raise ManifestError(f"invalid {field_path}.policies {policies_value!r} in {path}: expected a list of policies")
+    policies = tuple(_parse_policy(policy, path, f"{field_path}.policies[{index}]") for index, policy in enumerate(policies_value))
+    window_value = rules.get("stabilizationWindowSeconds", default.stabilization_window_s)
+    # The HPA API allows 0 to 3600 s (autoscaling/v2 HPAScalingRules).
+    window_s = _integer(window_value, path, f"{field_path}.stabilizationWindowSeconds", minimum=0, maximum=3600)
+    select_policy = rules.get("selectPolicy", default.select_policy)
+    if select_policy not in ("Max", "Min", "Disabled"):
+        raise ManifestError(f"invalid {field_path}.selectPolicy {select_policy!r} in {path}: expected 'Max', 'Min' or 'Disabled'")
+    return ScalingRules(window_s, select_policy, policies or default.policies)
+
+
+def _redis_trigger_metadata(spec: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
+    """Return the field path and the metadata of the ScaledObject's one redis trigger."""
+    triggers = spec.get("triggers", [])
+    if not isinstance(triggers, list):
+        raise ManifestError(f"invalid spec.triggers {triggers!r} in {path}: expected a list of triggers")
+    indexes = [index for index, trigger in enumerate(triggers) if isinstance(trigger, dict) and trigger.get("type") == "redis"]
+    if len(indexes) != 1:
+        raise ManifestError(f"expected one redis trigger in {path}, found {len(indexes)}")
+    field_path = f"spec.triggers[{indexes[0]}].metadata"
+    return field_path, _mapping(triggers[indexes[0]], "metadata", path, field_path, required=True)
 
 
 def read_scaler_settings(ops_dir: Path = OPS_DIR) -> ScalerSettings:
     """Read the ScaledObject in `ops_dir`/k8s/scaledobject.yaml, with KEDA's defaults for what it leaves out.
 
-    Raises ValueError when the file has no single ScaledObject or no redis trigger.
+    Raises ManifestError when the file is missing or unreadable, has no single ScaledObject or no single redis
+    trigger, or has a value out of range: pollingInterval and listLength below 1, cooldownPeriod,
+    activationListLength or minReplicaCount below 0, maxReplicaCount below 1 or below minReplicaCount.
     """
     path = ops_dir / "k8s" / "scaledobject.yaml"
-    spec = _find_kind(path, "ScaledObject")["spec"]
-    triggers = [trigger for trigger in spec.get("triggers", []) if trigger.get("type") == "redis"]
-    if len(triggers) != 1:
-        raise ValueError(f"expected one redis trigger in {path}, found {len(triggers)}")
-    metadata = triggers[0]["metadata"]
-    behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior", {})
+    spec = _mapping(_find_kind(path, "ScaledObject"), "spec", path, "spec", required=True)
+    metadata_path, metadata = _redis_trigger_metadata(spec, path)
+    behavior_path = "spec.advanced.horizontalPodAutoscalerConfig.behavior"
+    advanced = _mapping(spec, "advanced", path, "spec.advanced")
+    hpa_config = _mapping(advanced, "horizontalPodAutoscalerConfig", path, "spec.advanced.horizontalPodAutoscalerConfig")
+    behavior = _mapping(hpa_config, "behavior", path, behavior_path)
+    # KEDA 2.16's defaults for the fields left out.
+    min_replicas = _integer(spec.get("minReplicaCount", 0), path, "spec.minReplicaCount", minimum=0)
+    max_replicas = _integer(spec.get("maxReplicaCount", 100), path, "spec.maxReplicaCount", minimum=1)
+    if max_replicas < min_replicas:
+        raise ManifestError(
+            f"invalid spec.maxReplicaCount {max_replicas} in {path}: expected an integer >= spec.minReplicaCount ({min_replicas}); "
+            "raise maxReplicaCount or lower minReplicaCount"
+        )
     return ScalerSettings(
-        polling_interval_s=int(spec.get("pollingInterval", 30)),  # KEDA 2.16's defaults
-        cooldown_s=int(spec.get("cooldownPeriod", 300)),
-        min_replicas=int(spec.get("minReplicaCount", 0)),
-        max_replicas=int(spec.get("maxReplicaCount", 100)),
-        list_length=int(metadata.get("listLength", 5)),
-        activation_list_length=int(metadata.get("activationListLength", 0)),
-        scale_up=_parse_rules(behavior.get("scaleUp"), DEFAULT_SCALE_UP),
-        scale_down=_parse_rules(behavior.get("scaleDown"), DEFAULT_SCALE_DOWN),
+        polling_interval_s=_integer(spec.get("pollingInterval", 30), path, "spec.pollingInterval", minimum=1),
+        cooldown_s=_integer(spec.get("cooldownPeriod", 300), path, "spec.cooldownPeriod", minimum=0),
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        list_length=_integer(metadata.get("listLength", 5), path, f"{metadata_path}.listLength", minimum=1),
+        activation_list_length=_integer(metadata.get("activationListLength", 0), path, f"{metadata_path}.activationListLength", minimum=0),
+        scale_up=_parse_rules(behavior, "scaleUp", DEFAULT_SCALE_UP, path, behavior_path),
+        scale_down=_parse_rules(behavior, "scaleDown", DEFAULT_SCALE_DOWN, path, behavior_path),
     )
+
+
+def _deployment_containers(path: Path) -> list[dict[str, Any]]:
+    deployment_spec = _mapping(_find_kind(path, "Deployment"), "spec", path, "spec", required=True)
+    template = _mapping(deployment_spec, "template", path, "spec.template", required=True)
+    pod_spec = _mapping(template, "spec", path, "spec.template.spec", required=True)
+    containers = pod_spec.get("containers")
+    if not isinstance(containers, list) or not all(isinstance(container, dict) for container in containers):
+        raise ManifestError(f"invalid spec.template.spec.containers {containers!r} in {path}: expected a list of containers")
+    return containers
 
 
 def read_worker_concurrency(ops_dir: Path = OPS_DIR) -> int:
     """Return `--concurrency N` from the worker container's args in worker-deployment.yaml.
 
-    Raises ValueError when the args set no concurrency: the Deployment then runs Celery's default of one
-    pool process per CPU, which the simulation cannot know.
+    Raises ManifestError when N is not an integer >= 1, or when the args set no concurrency: the Deployment
+    then runs Celery's default of one pool process per CPU, which the simulation cannot know.
     """
     path = ops_dir / "k8s" / "worker-deployment.yaml"
-    containers = _find_kind(path, "Deployment")["spec"]["template"]["spec"]["containers"]
     command_lines = []
-    for container in containers:
+    for container_index, container in enumerate(_deployment_containers(path)):
         arguments = [str(argument) for argument in [*container.get("command", []), *container.get("args", [])]]
+        field_path = f"spec.template.spec.containers[{container_index}] --concurrency"
         for index, argument in enumerate(arguments):
             if argument == "--concurrency" and index + 1 < len(arguments):
-                return int(arguments[index + 1])
+                return _integer(arguments[index + 1], path, field_path, minimum=1)
             if argument.startswith("--concurrency="):
-                return int(argument.split("=", 1)[1])
+                return _integer(argument.split("=", 1)[1], path, field_path, minimum=1)
         command_lines.append(shlex.join(arguments))
-    raise ValueError(
+    raise ManifestError(
         f"no --concurrency in the containers of {path} ({'; '.join(command_lines)}); "
         "add `--concurrency N` to the worker container's args"
     )
@@ -252,12 +344,22 @@ class _ConfigMapSettings(Settings):
         return (init_settings,)
 
 
+def _configmap_settings(path: Path) -> Settings:
+    """Return the ConfigMap's CLIPFLEET_* values over Settings' defaults; raise ManifestError for an invalid one."""
+    data = _mapping(_find_kind(path, "ConfigMap"), "data", path, "data")
+    values = {name.removeprefix("CLIPFLEET_").lower(): value for name, value in data.items() if name.startswith("CLIPFLEET_")}
+    try:
+        return _ConfigMapSettings(**values)
+    except pydantic.ValidationError as e:
+        error = e.errors()[0]
+        name = "CLIPFLEET_" + str(error["loc"][0]).upper() if error["loc"] else "data"
+        raise ManifestError(f"invalid data.{name} {error.get('input')!r} in {path}: {error['msg']}") from e
+
+
 def read_fleet_settings(ops_dir: Path = OPS_DIR) -> FleetSettings:
     """Read the worker's concurrency, the ConfigMap's CLIPFLEET_* values over Settings' defaults, and the
-    prefetch multiplier that producer.queue.celery_config sets."""
-    data = _find_kind(ops_dir / "k8s" / "configmap.yaml", "ConfigMap").get("data", {})
-    values = {name.removeprefix("CLIPFLEET_").lower(): value for name, value in data.items() if name.startswith("CLIPFLEET_")}
-    settings = _ConfigMapSettings(**values)
+    prefetch multiplier that producer.queue.celery_config sets. Raises ManifestError for an invalid value."""
+    settings = _configmap_settings(ops_dir / "k8s" / "configmap.yaml")
     return FleetSettings(
         concurrency=read_worker_concurrency(ops_dir),
         prefetch_multiplier=int(celery_config(settings)["worker_prefetch_multiplier"]),
@@ -826,10 +928,22 @@ def _wait_ready(worker: Any, url: str, started: float) -> float:
 # Command line
 
 
+def non_negative_int(text: str) -> int:
+    """Parse an integer argument >= 0; argparse reports the ValueError with the option's name."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+non_negative_int.__name__ = "non-negative integer"
+
+
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops-dir", type=Path, default=OPS_DIR, help="folder with k8s/scaledobject.yaml and the other manifests (default: ops/)")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the bursty workload (default: 1)")
+    # Negative seeds are rejected because random.Random seeds with the absolute value, so -1 gives seed 1's day.
+    parser.add_argument("--seed", type=non_negative_int, default=1, help="seed of the bursty workload, an integer >= 0 (default: 1)")
     parser.add_argument("--json", action="store_true", help="print the reports as JSON instead of tables")
     parser.add_argument("--measure-startup", action="store_true", help="time real worker starts instead of simulating")
     parser.add_argument("--concurrency", type=positive_int, help="pool processes of the measured worker (default: the Deployment's)")
@@ -838,9 +952,48 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_ops_dir(ops_dir: Path) -> None:
+    """Raise ManifestError when `ops_dir` is not a directory."""
+    if not ops_dir.is_dir():
+        raise ManifestError(
+            f"--ops-dir {ops_dir} is not a directory: pass a copy of the repository's ops/ folder "
+            f"(with k8s/scaledobject.yaml, k8s/worker-deployment.yaml and k8s/configmap.yaml), or leave it out to read {OPS_DIR}"
+        )
+
+
+class ModelDirError(ValueError):
+    """A --model-dir that is not a checkpoint directory."""
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Raise ModelDirError when `model_dir` is not a directory with a config.json, so no worker starts on it."""
+    if not model_dir.is_dir():
+        raise ModelDirError(
+            f"--model-dir {model_dir} is not a directory: pass a CLIP checkpoint directory saved with save_pretrained, "
+            "or leave --model-dir out to build a ViT-B/32-sized one"
+        )
+    if not (model_dir / "config.json").is_file():
+        raise ModelDirError(
+            f"--model-dir {model_dir} has no config.json: pass a CLIP checkpoint directory saved with save_pretrained, "
+            "or leave --model-dir out to build a ViT-B/32-sized one"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line. Returns 0, or 2 after printing `error: ...` for an invalid --ops-dir, manifest or --model-dir."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_arguments(argv)
+    try:
+        check_ops_dir(args.ops_dir)
+        if args.model_dir is not None:
+            check_model_dir(args.model_dir)
+        return _run(args)
+    except (ManifestError, ModelDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.measure_startup:
         concurrency = args.concurrency or read_worker_concurrency(args.ops_dir)
         results = measure_startup(concurrency, args.repeats, args.model_dir)

@@ -247,3 +247,131 @@ def test_table_lists_every_scenario(ops_report):
     table = autoscale.format_table([ops_report])
     assert table.splitlines()[2].startswith("| default | ")
     assert f"{100 * ops_report['idle_share']:.1f}%" in table
+
+
+# Invalid input
+
+
+def set_spec(**values):
+    return lambda document: document["spec"].update(values)
+
+
+def set_metadata(**values):
+    return lambda document: document["spec"]["triggers"][0]["metadata"].update(values)
+
+
+def set_scale_down(**values):
+    return lambda document: document["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"].update(values)
+
+
+BEHAVIOR = "spec.advanced.horizontalPodAutoscalerConfig.behavior"
+
+
+@pytest.mark.parametrize(
+    ("edit", "field_path", "shown_value", "allowed"),
+    [
+        (set_metadata(listLength="abc"), "spec.triggers[0].metadata.listLength", "'abc'", "an integer >= 1"),
+        (set_metadata(listLength="0"), "spec.triggers[0].metadata.listLength", "'0'", "an integer >= 1"),
+        (set_metadata(activationListLength="-1"), "spec.triggers[0].metadata.activationListLength", "'-1'", "an integer >= 0"),
+        (set_spec(pollingInterval=0), "spec.pollingInterval", "0", "an integer >= 1"),
+        (set_spec(pollingInterval=1.5), "spec.pollingInterval", "1.5", "an integer >= 1"),
+        (set_spec(cooldownPeriod=-1), "spec.cooldownPeriod", "-1", "an integer >= 0"),
+        (set_spec(cooldownPeriod=True), "spec.cooldownPeriod", "True", "an integer >= 0"),
+        (set_spec(minReplicaCount=-1), "spec.minReplicaCount", "-1", "an integer >= 0"),
+        (set_spec(maxReplicaCount=0), "spec.maxReplicaCount", "0", "an integer >= 1"),
+        (set_spec(minReplicaCount=20, maxReplicaCount=16), "spec.maxReplicaCount", "16", "an integer >= spec.minReplicaCount (20)"),
+        (set_scale_down(stabilizationWindowSeconds=-5), f"{BEHAVIOR}.scaleDown.stabilizationWindowSeconds", "-5", "an integer from 0 to 3600"),
+        (set_scale_down(selectPolicy="Biggest"), f"{BEHAVIOR}.scaleDown.selectPolicy", "'Biggest'", "'Max', 'Min' or 'Disabled'"),
+        (set_scale_down(policies="fast"), f"{BEHAVIOR}.scaleDown.policies", "'fast'", "a list of policies"),
+        (set_scale_down(policies=[{"type": "Nodes", "value": 1, "periodSeconds": 15}]), f"{BEHAVIOR}.scaleDown.policies[0].type", "'Nodes'", "'Pods' or 'Percent'"),
+        (set_scale_down(policies=[{"type": "Pods", "value": 0, "periodSeconds": 15}]), f"{BEHAVIOR}.scaleDown.policies[0].value", "0", "an integer >= 1"),
+        (set_scale_down(policies=[{"type": "Pods", "value": 1, "periodSeconds": 0}]), f"{BEHAVIOR}.scaleDown.policies[0].periodSeconds", "0", "an integer from 1 to 1800"),
+    ],
+    ids=[
+        "listLength word", "listLength 0", "activationListLength negative", "pollingInterval 0", "pollingInterval fraction",
+        "cooldownPeriod negative", "cooldownPeriod boolean", "minReplicaCount negative", "maxReplicaCount 0",
+        "min above max", "window negative", "selectPolicy unknown", "policies not list", "policy type unknown",
+        "policy value 0", "policy period 0",
+    ],
+)
+def test_invalid_scaler_value_rejected(tmp_path, edit, field_path, shown_value, allowed):
+    ops_dir = copy_ops(tmp_path)
+    path = ops_dir / "k8s" / "scaledobject.yaml"
+    edit_yaml(path, "ScaledObject", edit)
+    with pytest.raises(autoscale.ManifestError) as raised:
+        autoscale.read_scaler_settings(ops_dir)
+    message = str(raised.value)
+    assert str(path) in message
+    assert f"invalid {field_path} {shown_value} " in message
+    assert f"expected {allowed}" in message
+
+
+def test_invalid_concurrency_rejected(tmp_path):
+    ops_dir = copy_ops(tmp_path)
+    path = ops_dir / "k8s" / "worker-deployment.yaml"
+    edit_yaml(path, "Deployment", lambda document: document["spec"]["template"]["spec"]["containers"][0].update(args=["worker", "--concurrency=0"]))
+    with pytest.raises(autoscale.ManifestError) as raised:
+        autoscale.read_worker_concurrency(ops_dir)
+    assert str(raised.value) == f"invalid spec.template.spec.containers[0] --concurrency '0' in {path}: expected an integer >= 1"
+
+
+def test_invalid_configmap_value_rejected(tmp_path):
+    ops_dir = copy_ops(tmp_path)
+    path = ops_dir / "k8s" / "configmap.yaml"
+    edit_yaml(path, "ConfigMap", lambda document: document["data"].update(CLIPFLEET_BATCH_SIZE="0"))
+    with pytest.raises(autoscale.ManifestError) as raised:
+        autoscale.read_fleet_settings(ops_dir)
+    message = str(raised.value)
+    assert message.startswith(f"invalid data.CLIPFLEET_BATCH_SIZE '0' in {path}: ")
+    assert "greater than or equal to 1" in message
+
+
+def test_invalid_manifest_exits_2(tmp_path, capsys):
+    ops_dir = copy_ops(tmp_path)
+    path = ops_dir / "k8s" / "scaledobject.yaml"
+    edit_yaml(path, "ScaledObject", set_metadata(listLength="abc"))
+    assert autoscale.main(["--ops-dir", str(ops_dir)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: invalid spec.triggers[0].metadata.listLength 'abc' in {path}: ")
+
+
+def test_missing_ops_dir_exits_2(tmp_path, capsys):
+    missing = tmp_path / "no-such-ops"
+    assert autoscale.main(["--ops-dir", str(missing)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: --ops-dir {missing} is not a directory: ")
+    assert "leave it out" in lines[0]
+
+
+def test_missing_manifest_exits_2(tmp_path, capsys):
+    ops_dir = copy_ops(tmp_path)
+    (ops_dir / "k8s" / "configmap.yaml").unlink()
+    assert autoscale.main(["--ops-dir", str(ops_dir)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: failed to read the manifest {ops_dir / 'k8s' / 'configmap.yaml'}: ")
+
+
+def test_negative_seed_rejected(capsys):
+    with pytest.raises(SystemExit) as raised:
+        autoscale.parse_arguments(["--seed", "-1"])
+    assert raised.value.code == 2
+    assert "argument --seed: invalid non-negative integer value: '-1'" in capsys.readouterr().err
+
+
+def test_seed_zero_accepted():
+    assert autoscale.parse_arguments(["--seed", "0"]).seed == 0
+
+
+@pytest.mark.parametrize("make_dir", [False, True], ids=["missing", "no config.json"])
+def test_invalid_model_dir_exits_2(tmp_path, capsys, make_dir):
+    model_dir = tmp_path / "checkpoint"
+    if make_dir:
+        model_dir.mkdir()
+    assert autoscale.main(["--measure-startup", "--model-dir", str(model_dir)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --model-dir {model_dir} ")
+    assert "leave --model-dir out" in error
+    assert "CLIPFLEET_MODEL" not in error
