@@ -20,9 +20,9 @@ from pydantic import ValidationError
 
 from producer.client import Client, Job, check_error_codes, make_spec
 from producer.constants import FINAL_STATES
+from producer.embeddings import DEFAULT_EMBEDDING_DTYPE, EMBEDDING_DTYPES
 from producer.enqueue import detached_log_path
 from producer.errors import ClipfleetError, InvalidJobSpec
-from producer.embeddings import DEFAULT_EMBEDDING_DTYPE, EMBEDDING_DTYPES
 from producer.formats import SHARD_FORMATS
 from producer.jobs import (
     JOB_STATES,

@@ -142,14 +142,23 @@ class RelabelSource(BaseModel):
         return check_job_id(value)
 
 
+def check_embeddings_dtype(embeddings_dtype: str, store_embeddings: bool) -> str:
+    """Return `embeddings_dtype`; raise ValueError when it differs from the default without `store_embeddings`."""
+    if embeddings_dtype != DEFAULT_EMBEDDING_DTYPE and not store_embeddings:
+        raise ValueError(
+            f"--embeddings-dtype {embeddings_dtype} applies only with --store-embeddings (store_embeddings=True); "
+            "add --store-embeddings, or leave the dtype out"
+        )
+    return embeddings_dtype
+
+
 def check_embedding_options(store_embeddings: bool, embeddings_dtype: str, relabel: RelabelSource | None, source: object) -> None:
     """Raise ValueError for a job spec whose embedding fields contradict each other.
 
     `embeddings_dtype` other than the default needs `store_embeddings`. A relabel job stores no
     embeddings (its images are the source job's) and has exactly one source, the source job's folder.
     """
-    if embeddings_dtype != DEFAULT_EMBEDDING_DTYPE and not store_embeddings:
-        raise ValueError(f"embeddings_dtype {embeddings_dtype!r} applies only with store_embeddings=true; set both or neither")
+    check_embeddings_dtype(embeddings_dtype, store_embeddings)
     if relabel is None:
         return
     if store_embeddings:

@@ -10,7 +10,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from producer.constants import (
     DEFAULT_IMAGE_EXTENSIONS,
@@ -23,6 +31,7 @@ from producer.embeddings import (
     EmbeddingDtype,
     RelabelSource,
     check_embedding_options,
+    check_embeddings_dtype,
 )
 from producer.errors import InvalidJobSpec
 from producer.sources import is_read_at_submit
@@ -77,6 +86,12 @@ class JobSpec(BaseModel):
     @classmethod
     def _expand_template_set(cls, data: Any) -> Any:
         return expand_template_set(data)
+
+    @field_validator("embeddings_dtype")
+    @classmethod
+    def _check_embeddings_dtype(cls, value: EmbeddingDtype, info: ValidationInfo) -> EmbeddingDtype:
+        check_embeddings_dtype(value, bool(info.data.get("store_embeddings", False)))
+        return value
 
     @field_validator("threshold")
     @classmethod

@@ -27,7 +27,7 @@ def check_threshold(threshold: float | None, multi_label: bool) -> float | None:
             f"threshold {threshold!r} is outside -1 to 1: multi-label scores are cosine similarities, "
             "typically 0.15 to 0.35 for CLIP; give a threshold in that range"
         )
-    hint = " or add multi-label to threshold cosine similarities" if COSINE_RANGE[0] <= threshold <= COSINE_RANGE[1] else ""
+    hint = " or add --multi-label (multi_label=True) to threshold cosine similarities" if COSINE_RANGE[0] <= threshold <= COSINE_RANGE[1] else ""
     raise ValueError(
         f"threshold {threshold!r} is outside 0 to 1: scores are softmax probabilities over the labels; "
         f"give a threshold from 0 to 1{hint}"

@@ -28,7 +28,13 @@ from producer.constants import FINAL_STATES, REDELIVERIES_FIELD, STATE_SUCCEEDED
 from producer.errors import JobNotFound, StorageError
 from producer.jobs import refresh_cancel_summary
 from producer.messages import BatchMessage
-from producer.results import count_rows, finalize_job, read_shard, replace_rows, write_shard
+from producer.results import (
+    count_rows,
+    finalize_job,
+    read_shard,
+    replace_rows,
+    write_shard,
+)
 from producer.settings import Settings
 from producer.spec import JobSpec
 from workers.classify import encode_images

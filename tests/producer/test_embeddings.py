@@ -108,7 +108,7 @@ def test_spec_default_fields_not_serialised() -> None:
 
 
 def test_spec_dtype_needs_store_embeddings() -> None:
-    with pytest.raises(InvalidJobSpec, match="applies only with store_embeddings"):
+    with pytest.raises(InvalidJobSpec, match=r"applies only with --store-embeddings \(store_embeddings=True\)"):
         build_spec(**spec_fields(embeddings_dtype="float32"))
 
 

@@ -141,7 +141,7 @@ def test_probability_threshold_out_of_range(threshold: float) -> None:
 
 
 def test_negative_threshold_suggests_multi_label() -> None:
-    with pytest.raises(InvalidJobSpec, match="add multi-label to threshold cosine similarities"):
+    with pytest.raises(InvalidJobSpec, match=r"add --multi-label \(multi_label=True\) to threshold cosine similarities"):
         make_spec(threshold=-0.1)
 
 
