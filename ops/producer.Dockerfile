@@ -17,7 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-RUN pip install "boto3>=1.34" "celery[redis]>=5.4" "numpy>=1.26" "pyarrow>=15" "pydantic>=2.7" "pydantic-settings>=2.3" \
+RUN pip install "boto3>=1.34" "celery[redis]>=5.4" "numpy>=1.26" "pillow>=10" "pyarrow>=15" "scikit-learn>=1.4" "pydantic>=2.7" "pydantic-settings>=2.3" \
     "redis>=5.0" "huggingface_hub>=1.0" "tokenizers>=0.20"
 
 COPY pyproject.toml README.md ./

@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry.set_defaults(handler=cmd_retry)
 
     _add_relabel_command(commands)
+    _add_eval_command(commands)
 
     compact = commands.add_parser("compact", help="merge a finished job's shards into a few large files under OUTPUT/JOB_ID/compacted/")
     compact.add_argument("job_id", metavar="JOB")
@@ -517,6 +518,51 @@ def cmd_relabel(args: argparse.Namespace) -> int:
     status = job.wait(progress=sys.stderr.isatty())
     _print_summary(job, status, time.monotonic() - started)
     return _exit_code(status)
+
+
+def _add_eval_command(commands: Any) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="classify a labelled sample as one job and report accuracy, per-class, confusion and slice metrics"
+    )
+    evaluate.add_argument("source", metavar="SOURCE", help="folder or s3:// prefix with one subfolder per class, or a .csv with the header uri,label[,extra...]")
+    evaluate.add_argument("--output", required=True, help="s3://bucket/prefix/ or a local folder; the report goes to OUTPUT/JOB_ID/eval/report.json")
+    labels = evaluate.add_mutually_exclusive_group()
+    labels.add_argument("--labels", help="comma-separated class names; must be exactly the sample's classes (default: those classes)")
+    labels.add_argument("--labels-file", type=Path, help="JSON {class: wording or [prompts]} naming exactly the sample's classes")
+    templates = evaluate.add_mutually_exclusive_group()
+    templates.add_argument("--template", action="append", dest="templates", help="prompt template with {} for the label; repeat for an ensemble")
+    templates.add_argument("--template-set", choices=sorted(TEMPLATE_SETS), default=None, help="use a built-in set of templates instead of --template")
+    evaluate.add_argument(
+        "--compare-template-set", action="append", default=[], choices=sorted(TEMPLATE_SETS),
+        help="also score the same embeddings with this built-in template set (a relabel job); repeatable",
+    )
+    evaluate.add_argument(
+        "--compare-labels-file", action="append", default=[], type=Path,
+        help="also score the same embeddings with this JSON {class: wording or [prompts]} (a relabel job); repeatable",
+    )
+    evaluate.add_argument("--model", help="model for the job (default: CLIPFLEET_MODEL)")
+    evaluate.add_argument("--timeout-s", type=float, default=None, help="give up waiting for each job after this many seconds")
+    evaluate.set_defaults(handler=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run `clipfleet eval` and print its summary; see producer.evaluate."""
+    from producer.evaluate import (
+        evaluate,
+        format_summary,
+        read_labels_file,
+        variants_from_args,
+    )
+
+    labels = args.labels.split(",") if args.labels is not None else None
+    if args.labels_file is not None:
+        labels = read_labels_file(args.labels_file, "--labels-file")
+    report = evaluate(
+        Client(Settings()), args.source, args.output, labels=labels, templates=args.templates, template_set=args.template_set,
+        model=args.model, compare=variants_from_args(args.compare_template_set, args.compare_labels_file), timeout_s=args.timeout_s,
+    )
+    print(format_summary(report))
+    return 0
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
