@@ -541,7 +541,7 @@ def _add_eval_command(commands: Any) -> None:
         help="also score the same embeddings with this JSON {class: wording or [prompts]} (a relabel job); repeatable",
     )
     evaluate.add_argument("--model", help="model for the job (default: CLIPFLEET_MODEL)")
-    evaluate.add_argument("--timeout-s", type=float, default=None, help="give up waiting for each job after this many seconds")
+    evaluate.add_argument("--timeout-s", type=_positive_float, default=None, help="give up waiting for each job after this many seconds; the job keeps running")
     evaluate.set_defaults(handler=cmd_eval)
 
 

@@ -298,16 +298,21 @@ def _render_slices(slices: Mapping[str, Mapping[str, Any]], gaps: Mapping[str, M
     return "\n".join(tables)
 
 
+# Readable names of the report's metric keys.
+METRIC_NAMES = {"top1_accuracy": "top-1 accuracy", "top5_accuracy": "top-5 accuracy", "macro_f1": "macro F1"}
+
+
 def _gap_sentence(gap: Mapping[str, Any] | None) -> str:
     if not gap:
         return ""
     metric = gap.get("metric", "top1_accuracy")
+    metric_name = METRIC_NAMES.get(metric, metric)
     if metric == "top1_accuracy":
         gap_text = f"{100 * float(gap['gap']):.1f} percentage points"
     else:
         gap_text = _number(gap["gap"])
     return (
-        f'. <span class="gap">Gap in {_text(metric)}: {gap_text}, best {_text(gap["best"])}, '
+        f'. <span class="gap">Gap in {_text(metric_name)}: {gap_text}, best {_text(gap["best"])}, '
         f'worst {_text(gap["worst"])}.</span>'
     )
 

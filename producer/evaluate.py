@@ -155,8 +155,14 @@ def _add_csv_row(sample: LabelledSample, row: dict[str, Any], base: Path | None,
     if not uri or not label:
         raise InvalidSample(f"{where}: every row needs a uri and a label, got uri={uri!r} label={label!r}")
     if base is not None and not uri.startswith("s3://"):
-        # NOTE: workers reject a local path outside the CSV's folder (access_denied), so it counts as failed.
-        uri = str(base / uri) if not Path(uri).is_absolute() else uri
+        path = (base / uri).resolve()
+        # The CSV is the job's source, and workers read local images only inside their job's source folder.
+        if not path.is_relative_to(base):
+            raise InvalidSample(
+                f"{where}: {uri!r} is outside the CSV's folder {str(base)!r}, and workers read only images under it; "
+                "move the CSV to a folder that holds the images, or list paths inside it"
+            )
+        uri = str(path)
     if uri in sample.labels:
         raise InvalidSample(f"{where}: {uri!r} is listed twice: list each image once, with one label")
     sample.labels[uri] = label
@@ -210,13 +216,13 @@ def read_labels_file(path: Path, option: str) -> dict[str, str | list[str]]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidSample(f"{option} {str(path)!r} is not valid UTF-8 JSON: {e}") from e
     if not isinstance(data, dict) or not all(_is_wording(value) for value in data.values()):
-        raise InvalidSample(f"{option} {str(path)!r} must be a JSON object {{class: wording or [prompts]}}, for example {{\"cat\": \"tabby cat\"}}")
+        raise InvalidSample(f"{option} {str(path)!r} must be a JSON object {{class: wording or [prompts]}} with no empty wording, for example {{\"cat\": \"tabby cat\"}}")
     return data
 
 
 def _is_wording(value: Any) -> bool:
-    """Return whether `value` is a wording string or a list of prompt strings."""
-    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value))
+    """Return whether `value` is a non-blank wording string or a list of prompt strings."""
+    return (isinstance(value, str) and bool(value.strip())) or (isinstance(value, list) and all(isinstance(item, str) for item in value))
 
 
 def variants_from_args(template_sets: Sequence[str], labels_files: Sequence[Path]) -> list[Variant]:
@@ -236,6 +242,11 @@ def build_variant(name: str, job_id: str, prompts: Mapping[str, list[str]], rows
     Raises EvaluationFailed for a row whose URI is not in the sample.
     """
     scored = [row for row in rows if row["error"] is None]
+    if not scored:
+        raise EvaluationFailed(
+            f"no image of job {job_id} was classified: all {len(rows)} failed; "
+            f"see their error codes with `clipfleet results {job_id}`"
+        )
     for row in scored:
         if row["uri"] not in sample.labels:
             raise EvaluationFailed(f"result row {row['uri']!r} of job {job_id} is not in the labelled sample {sample.source!r}")
@@ -326,8 +337,10 @@ def slice_metrics(sample: LabelledSample, rows: Sequence[dict[str, Any]], true: 
 
 
 def _slice_gap(column_slices: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
-    best = max(column_slices, key=lambda value: column_slices[value][SLICE_METRIC])
-    worst = min(column_slices, key=lambda value: column_slices[value][SLICE_METRIC])
+    # Among tied values the best is the first name and the worst the last, so two tied values are both named.
+    values = sorted(column_slices)
+    best = max(values, key=lambda value: column_slices[value][SLICE_METRIC])
+    worst = min(reversed(values), key=lambda value: column_slices[value][SLICE_METRIC])
     gap = column_slices[best][SLICE_METRIC] - column_slices[worst][SLICE_METRIC]
     return {"metric": SLICE_METRIC, "best": best, "worst": worst, "gap": float(gap)}
 
@@ -358,6 +371,7 @@ def evaluate(
     base_variant = Variant("given", labels, templates, template_set)
     checked = _check_variants(sample.classes, [base_variant, *compare])
     top_k = min(MAX_TOP_K, len(sample.classes))
+    _check_variant_specs(client, sample, output, model, top_k, base_variant, checked)
     job_labels = checked[0][1]
     job = client.submit(
         sample.job_source, job_labels, output, templates=_job_templates(job_labels, templates), model=model,
@@ -384,6 +398,29 @@ def _check_variants(classes: Sequence[str], variants: Sequence[Variant]) -> list
         variant_labels = variant.labels if variant.labels is not None else variants[0].labels
         checked.append((variant, resolve_labels(classes, variant_labels, *_templates_of(variant, variants[0]))))
     return checked
+
+
+def _check_variant_specs(
+    client: "Client", sample: LabelledSample, output: str, model: str | None, top_k: int, base_variant: Variant,
+    checked: Sequence[tuple[Variant, Any]],
+) -> None:
+    """Validate every variant's job spec before the first job runs, so a bad variant costs no image pass.
+
+    Raises InvalidSample naming the variant and what is wrong with its spec.
+    """
+    from producer.client import (
+        make_spec,  # producer.client does not import this module; keep it light
+    )
+
+    for variant, job_labels in checked:
+        variant_templates, variant_set = _templates_of(variant, base_variant)
+        try:
+            make_spec(
+                client.settings, sample.job_source, job_labels, output, templates=_job_templates(job_labels, variant_templates),
+                model=model, top_k=top_k, template_set=_job_template_set(job_labels, variant_set),
+            )
+        except InvalidJobSpec as e:
+            raise InvalidSample(f"variant {variant.name!r}: {e}") from e
 
 
 def _run_variant(
@@ -416,7 +453,10 @@ def _job_template_set(job_labels: Any, template_set: str | None) -> str | None:
 
 
 def _wait(job: "Job", timeout_s: float | None) -> None:
-    status = job.wait(timeout_s=timeout_s, progress=False)
+    try:
+        status = job.wait(timeout_s=timeout_s, progress=False)
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}; the job keeps running: `clipfleet wait {job.id}` follows it and `clipfleet cancel {job.id}` stops it") from e
     if status.state != STATE_SUCCEEDED:
         raise EvaluationFailed(f"job {job.id} is {status.state}, so its rows are incomplete: see `clipfleet status {job.id}` for the reason")
 
@@ -447,7 +487,7 @@ def write_report(storage: Storage, job_folder: str, report: dict[str, Any]) -> s
 def format_summary(report: Mapping[str, Any]) -> str:
     """Return a short text summary: top-1 and top-5 accuracy and macro F1 per variant, and the largest slice gap."""
     lines = [f"job {report['job_id']}: {report['images']} images, {report['failed_images']} failed, {len(report['classes'])} classes"]
-    width = max(len(variant["name"]) for variant in report["variants"])
+    width = max(len("variant"), *(len(variant["name"]) for variant in report["variants"]))
     lines.append(f"{'variant'.ljust(width)}  top-1   top-5   macro-F1")
     for variant in report["variants"]:
         lines.append(f"{variant['name'].ljust(width)}  {variant['top1_accuracy']:.3f}   {variant['top5_accuracy']:.3f}   {variant['macro_f1']:.3f}")

@@ -26,7 +26,14 @@ from sklearn.metrics import (
 
 from producer import Client
 from producer.cli import main
-from producer.evaluate import InvalidSample, Variant, evaluate
+from producer.constants import JOBS_INDEX_KEY
+from producer.evaluate import (
+    InvalidSample,
+    Variant,
+    _slice_gap,
+    evaluate,
+    read_labels_file,
+)
 from tests.support.worker import stack_client, worker_stack
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -324,3 +331,36 @@ def test_cli_labels_file_mismatch(
     code = main(["eval", str(csv_sample), "--output", str(tmp_path / "out"), "--labels-file", str(labels)])
     assert code == 2
     assert "missing ['rocket']" in capsys.readouterr().err
+
+
+def test_csv_path_outside_its_folder_rejected(client: Client, folder_sample: Path, tmp_path: Path) -> None:
+    (tmp_path / "csvs").mkdir()
+    manifest = tmp_path / "csvs" / "sample.csv"
+    outside = next((folder_sample / "cat").iterdir())
+    manifest.write_text(f"uri,label\n{outside},cat\n../b.jpg,dog\n")
+    jobs_before = client.store.redis.zcard(JOBS_INDEX_KEY)
+    with pytest.raises(InvalidSample, match=r"line 2: .* is outside the CSV's folder"):
+        evaluate(client, str(manifest), str(tmp_path / "out"))
+    assert client.store.redis.zcard(JOBS_INDEX_KEY) == jobs_before
+
+
+def test_empty_wording_rejected(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"cat": " ", "dog": "a dog"}))
+    with pytest.raises(InvalidSample, match="with no empty wording"):
+        read_labels_file(labels, "--labels-file")
+
+
+def test_invalid_variant_rejected_before_any_job(client: Client, folder_sample: Path, tmp_path: Path) -> None:
+    classes = sorted(path.name for path in folder_sample.iterdir() if path.is_dir())
+    bad = Variant("bad templates", labels={name: [] for name in classes})
+    jobs_before = client.store.redis.zcard(JOBS_INDEX_KEY)
+    with pytest.raises(InvalidSample, match="variant 'bad templates'"):
+        evaluate(client, str(folder_sample), str(tmp_path / "out"), compare=[bad])
+    assert client.store.redis.zcard(JOBS_INDEX_KEY) == jobs_before
+
+
+def test_tied_slices_name_two_values() -> None:
+    gap = _slice_gap({"phone": {"top1_accuracy": 0.5}, "dslr": {"top1_accuracy": 0.5}})
+
+    assert (gap["best"], gap["worst"], gap["gap"]) == ("dslr", "phone", 0.0)

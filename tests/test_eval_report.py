@@ -264,7 +264,7 @@ def test_slice_rows_and_gap(dom):
     table = dom.find_all("table", "slice")[0]
     assert table_rows(table) == [["phone", "10", "90.0%", "0.880"], ["dslr <b>", "12", "50.0%", "0.470"]]
     gap = table.find_all("span", "gap")[0].text()
-    assert gap == "Gap in top1_accuracy: 40.0 percentage points, best phone, worst dslr <b>."
+    assert gap == "Gap in top-1 accuracy: 40.0 percentage points, best phone, worst dslr <b>."
 
 
 def test_worst_pairs_examples(dom):
