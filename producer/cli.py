@@ -239,16 +239,7 @@ def _add_job_arguments(command: argparse.ArgumentParser) -> None:
         help="one or more of: s3://bucket/prefix/, a manifest (.txt .csv .jsonl .parquet, text also .gz), "
         "an S3 Inventory manifest.json, or a local folder; listed in the order given",
     )
-    labels = command.add_mutually_exclusive_group(required=True)
-    labels.add_argument("--labels", help="comma-separated class names, for example cat,dog,car")
-    labels.add_argument("--labels-file", type=Path, help="file with one class name per line, or a .json list or {label: [prompts]} mapping")
-    command.add_argument("--output", required=True, help="s3://bucket/prefix/ or a local folder; results go under OUTPUT/JOB_ID/")
-    templates = command.add_mutually_exclusive_group()
-    templates.add_argument("--template", action="append", dest="templates", help="prompt template with {} for the label; repeat for an ensemble (default 'a photo of a {}.')")
-    templates.add_argument(
-        "--template-set", choices=sorted(TEMPLATE_SETS), default=None,
-        help="use a built-in set of templates instead of --template: 'default' (one template) or 'photo' (21 photo-style wordings)",
-    )
+    _add_label_options(command, "OUTPUT/JOB_ID/")
     command.add_argument("--model", help="hub id or local directory of a CLIP checkpoint (default: CLIPFLEET_MODEL)")
     command.add_argument("--batch-size", type=int, help="images per task (default: CLIPFLEET_BATCH_SIZE, 64)")
     command.add_argument("--top-k", type=int, default=5, help="labels kept per image, best first (default 5)")
@@ -485,16 +476,24 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return _exit_code(status)
 
 
+def _add_label_options(command: argparse.ArgumentParser, results_folder: str) -> None:
+    """Add the options that `submit`, `run` and `relabel` share: labels, output and templates."""
+    labels = command.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help="comma-separated class names, for example cat,dog,car")
+    labels.add_argument("--labels-file", type=Path, help="file with one class name per line, or a .json list or {label: [prompts]} mapping")
+    command.add_argument("--output", required=True, help=f"s3://bucket/prefix/ or a local folder; results go under {results_folder}")
+    templates = command.add_mutually_exclusive_group()
+    templates.add_argument("--template", action="append", dest="templates", help="prompt template with {} for the label; repeat for an ensemble (default 'a photo of a {}.')")
+    templates.add_argument(
+        "--template-set", choices=sorted(TEMPLATE_SETS), default=None,
+        help="use a built-in set of templates instead of --template: 'default' (one template) or 'photo' (21 photo-style wordings)",
+    )
+
+
 def _add_relabel_command(commands: Any) -> None:
     relabel = commands.add_parser("relabel", help="score a finished job's stored embeddings against new labels, without reading any image")
     relabel.add_argument("job_id", metavar="JOB", help="a succeeded job run with --store-embeddings")
-    labels = relabel.add_mutually_exclusive_group(required=True)
-    labels.add_argument("--labels", help="comma-separated class names, for example cat,dog,car")
-    labels.add_argument("--labels-file", type=Path, help="file with one class name per line, or a .json list or {label: [prompts]} mapping")
-    relabel.add_argument("--output", required=True, help="s3://bucket/prefix/ or a local folder; results go under OUTPUT/NEW_JOB_ID/")
-    templates = relabel.add_mutually_exclusive_group()
-    templates.add_argument("--template", action="append", dest="templates", help="prompt template with {} for the label; repeat for an ensemble")
-    templates.add_argument("--template-set", choices=sorted(TEMPLATE_SETS), default=None, help="use a built-in set of templates instead of --template")
+    _add_label_options(relabel, "OUTPUT/NEW_JOB_ID/")
     relabel.add_argument("--top-k", type=int, default=5, help="labels kept per image, best first (default 5)")
     relabel.add_argument("--threshold", type=float, default=None, help="keep only top-k labels scoring at least this, as for `submit`")
     relabel.add_argument("--multi-label", action="store_true", help="score each label by its raw cosine similarity, as for `submit`")
