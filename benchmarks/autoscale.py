@@ -172,7 +172,7 @@ class Scenario:
 
 
 class ManifestError(ValueError):
-    """A manifest under the ops folder that is missing, unreadable, or holds a value the simulation cannot use.
+    """A manifest under the ops folder that is missing, unreadable, or contains a value the simulation cannot use.
 
     The message names the file, the field path and the value, and says what is allowed.
     """

@@ -144,9 +144,9 @@ class Backpressure:
             available = last_length + self._sent_since_last
             taken = available - queue_length
             if elapsed_s >= RATE_MIN_INTERVAL_S:
-                # A second in which tasks waited and none was taken counts as a rate of 0: workers that finish
+                # A second in which tasks waited and none was taken counts as a rate of 0. Workers that finish
                 # their batches in step take tasks in bursts, and leaving out the seconds between the bursts
-                # made the estimate about twice the real rate. Seconds with an empty queue say nothing.
+                # made the estimate about twice the real rate. Seconds with an empty queue are left out.
                 if taken > 0 or (taken == 0 and available > 0):
                     rate = taken / elapsed_s
                     weight = min(1.0, elapsed_s / RATE_SMOOTHING_S)

@@ -34,10 +34,10 @@ from producer.messages import BatchMessage
 from producer.queue import BatchSender, make_celery
 from producer.redis_client import make_redis
 from producer.state import JobStore
-from workers.app import COLD_SHUTDOWN_LIMIT_S
 from tests.support.s3proxy import S3FaultProxy
 from tests.support.servers import RedisServer, S3Server, free_port
 from tests.support.worker import start_worker
+from workers.app import COLD_SHUTDOWN_LIMIT_S
 
 DATA = Path(__file__).resolve().parent / "data"
 PHOTOS = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg")
@@ -497,14 +497,24 @@ def test_sigterm_with_redis_gone_exits_soon_after_grace(
             worker.process.send_signal(signal.SIGTERM)
             exit_code = worker.process.wait(timeout=90)
             exit_s = time.monotonic() - signalled
-            pools_alive = [pid for pid in pool_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+            pools_alive = [pid for pid in pool_pids if _alive(pid)]
             log = worker.log_path.read_text(errors="replace")
         finally:
             worker.stop()
     print(f"measured: SIGTERM with Redis gone: exit code {exit_code} after {exit_s:.1f} s, grace {grace_s:g} s")
     assert len(pool_pids) == 1
-    assert "Redis" in log and "retrying in" in log, "the batch was retrying Redis when the grace ended"
+    # The batch was retrying Redis when the grace ended.
+    assert "Redis" in log
+    assert "retrying in" in log
     assert "Cold shutdown still running 5 s after it began; killing pool processes" in log
     assert exit_code == 1
     assert grace_s + COLD_SHUTDOWN_LIMIT_S <= exit_s <= grace_s + COLD_SHUTDOWN_LIMIT_S + 5
     assert pools_alive == []
+
+
+def _alive(pid: int) -> bool:
+    """Return whether process `pid` exists and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -257,9 +257,9 @@ def _return_running_batches(grace_s: float) -> None:
 def _kill_pool_processes() -> None:
     """End a cold shutdown that did not finish in COLD_SHUTDOWN_LIMIT_S: kill the pool processes and exit with status 1.
 
-    Celery's cold shutdown does not always end when Redis went away with the worker (as when `clipfleet run` is
-    killed and its private Redis and worker stop together): the pool process kept retrying Redis for 30 s, and
-    once it was killed the main process still waited for its result. A batch cut short here stays unacknowledged
+    Celery's cold shutdown does not always end when Redis stops together with the worker, as when `clipfleet
+    run` is killed with its private Redis. The pool process then retried Redis for 30 s, and after it was
+    killed the main process still waited for its result. A batch cut short here stays unacknowledged
     in Redis and is delivered again after the visibility timeout.
     """
     children = psutil.Process().children()

@@ -10,7 +10,7 @@ them for eviction:
 - PROMPT_CACHE_BYTES_KEY, the sum of those sizes.
 
 Reads and writes are Lua scripts, so each one reads and leaves a consistent index while several workers race.
-A write evicts least recently used entries until the new one fits under the bound, and the bound holds after
+A write evicts least recently used entries until the new one fits, so the total stays within the bound after
 every write. The bound counts the bytes of `data` only, and Redis adds its own overhead per entry (measured in
 docs/benchmarks.md). Every entry and index key also expires REDIS_TTL_S after its last use, as a backstop.
 

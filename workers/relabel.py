@@ -44,8 +44,8 @@ def relabel_uris(
 
     Stages are `read_source` (the source shard and embeddings file) and `score` (text tower, when its
     prompts are not cached, and scoring). Raises RelabelRejected when the stored embeddings came from
-    another model or the embeddings file is missing, invalid or lacks a vector of the batch, and StorageError
-    when the source shard cannot be read or does not list a URI of the batch.
+    another model, or the embeddings file is missing, invalid or lacks a vector of the batch. Raises
+    StorageError when the source shard cannot be read or does not list a URI of the batch.
     """
     if spec.relabel is None:
         raise ValueError(f"job spec for source {spec.source!r} is not a relabel job; call classify_uris instead")

@@ -188,7 +188,8 @@ def test_cli_unknown_set_lists_choices(capsys: pytest.CaptureFixture[str]) -> No
     assert caught.value.code == EXIT_USAGE
     error = capsys.readouterr().err
     assert "'nope'" in error
-    assert "default" in error and "photo" in error
+    assert "default" in error
+    assert "photo" in error
 
 
 def test_cli_threshold_out_of_range_exits_usage(clean_environment: None, capsys: pytest.CaptureFixture[str]) -> None:
