@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from celery import Celery
 
 from producer.checkpoint import LeaseLost
 from producer.constants import (
@@ -102,6 +103,11 @@ class Client:
             ) from e
         self.storage = Storage(self.settings.s3_endpoint_url, timeout_s=self.settings.fetch_timeout_s)
         self._celery = make_celery(self.settings, name="clipfleet-producer")
+
+    @property
+    def celery(self) -> Celery:
+        """The Celery app that sends this client's tasks."""
+        return self._celery
 
     @classmethod
     def from_env(cls) -> "Client":

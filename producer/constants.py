@@ -4,10 +4,14 @@ from __future__ import annotations
 
 # Celery task names. Producers send tasks by name, so they never import the worker code.
 TASK_CLASSIFY_BATCH = "clipfleet.classify_batch"
+# Embeds the pending requests of a realtime queue (see producer.realtime); sent by the HTTP API.
+TASK_EMBED = "clipfleet.embed"
 # Message header with the Unix time at which the producer published a batch; workers report the queue wait from it.
 PUBLISHED_AT_HEADER = "clipfleet_published_at"
 
 DEFAULT_QUEUE = "clipfleet"
+# The queue of realtime embedding requests, which workers read before DEFAULT_QUEUE.
+DEFAULT_REALTIME_QUEUE = "clipfleet-realtime"
 # Backpressure defaults (CLIPFLEET_QUEUE_LOW_WATER, _AHEAD_S, _MAX_TASKS): a paused producer resumes at half
 # the high-water mark, which keeps 180 s of the fleet's work queued, at most 10,000 tasks.
 DEFAULT_LOW_WATER = 0.5
@@ -40,6 +44,23 @@ PROMPT_CACHE_LRU_KEY = KEY_PREFIX + "prompt_cache:lru"  # sorted set: digest sco
 PROMPT_CACHE_SIZES_KEY = KEY_PREFIX + "prompt_cache:sizes"  # hash: digest -> bytes of its embeddings
 PROMPT_CACHE_BYTES_KEY = KEY_PREFIX + "prompt_cache:bytes"  # string: the sum of those bytes
 PROMPT_CACHE_CLOCK_KEY = KEY_PREFIX + "prompt_cache:clock"  # counter: a logical clock, incremented on each use
+
+# Live workers. Each ready worker refreshes its hash (model, revision, queues, heartbeat time) with a TTL, and its
+# name in the index sorted set, scored by the time its hash expires.
+WORKER_KEY = KEY_PREFIX + "worker:{name}"
+WORKERS_INDEX_KEY = KEY_PREFIX + "workers"
+# Realtime embedding requests (see producer.realtime): a list of waiting request ids per realtime queue, each
+# request's JSON body (with a TTL), and a list per request into which a worker pushes the JSON reply.
+REALTIME_PENDING_KEY = KEY_PREFIX + "realtime:{queue}:pending"
+REALTIME_REQUEST_KEY = KEY_PREFIX + "realtime:request:{request_id}"
+REALTIME_REPLY_KEY = KEY_PREFIX + "realtime:reply:{request_id}"
+# The HTTP API's files and batches (see producer.api): a hash per object and an index sorted by creation time.
+API_FILE_KEY = KEY_PREFIX + "api:file:{file_id}"
+API_FILES_INDEX_KEY = KEY_PREFIX + "api:files"
+API_BATCH_KEY = KEY_PREFIX + "api:batch:{batch_id}"
+API_BATCHES_INDEX_KEY = KEY_PREFIX + "api:batches"
+# string with a TTL: the API server process that currently drives a batch
+API_BATCH_LEASE_KEY = KEY_PREFIX + "api:batch:{batch_id}:lease"
 
 # Image file extensions listed by default (compared case-insensitively).
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")

@@ -15,6 +15,7 @@ from producer.constants import (
     DEFAULT_MAX_TASKS,
     DEFAULT_MODEL,
     DEFAULT_QUEUE,
+    DEFAULT_REALTIME_QUEUE,
 )
 
 # TLS query parameters of a rediss:// URL that redis-py 8 (`Redis.from_url`) and kombu 5.7 (Celery's Redis
@@ -136,6 +137,34 @@ class Settings(BaseSettings):
         description="Bound on the label embeddings that the workers share through Redis, in MiB of embedding data "
         "over the whole fleet; the least recently used entries are evicted to stay under it",
     )
+    realtime_queue: str = Field(
+        DEFAULT_REALTIME_QUEUE,
+        description="Queue of realtime embedding requests from the HTTP API. Workers read it before CLIPFLEET_QUEUE; "
+        "an empty value makes a worker serve batch jobs only. Give each model of a mixed fleet its own realtime queue",
+    )
+    realtime_max_requests: int = Field(
+        64, ge=1, le=4096, description="Realtime requests a worker takes from its queue at once and embeds together"
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="API keys `clipfleet serve` accepts as `Authorization: Bearer KEY`, comma-separated; empty accepts every request",
+    )
+    api_files_uri: str | None = Field(
+        None,
+        description="Folder (s3:// prefix or local directory) where `clipfleet serve` keeps uploaded files, batch inputs "
+        "and batch outputs; the workers must be allowed to read it. Unset disables /v1/files and /v1/batches",
+    )
+    api_timeout_s: float = Field(60.0, gt=0, description="Seconds an embeddings request waits for a worker before it fails with 504")
+    api_queue_high_water: int = Field(
+        1000, ge=1, description="Embeddings requests fail with 429 while the realtime queue holds this many tasks or more"
+    )
+    api_max_inputs: int = Field(2048, ge=1, description="Most inputs in one embeddings request")
+    api_max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest body of an embeddings request, in bytes; larger requests fail with 413"
+    )
+    api_max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1024, description="Largest file `POST /v1/files` accepts, in bytes; larger uploads fail with 413"
+    )
     log_level: str = "INFO"
     metrics_port: int | None = None
 
@@ -185,7 +214,7 @@ class Settings(BaseSettings):
             raise ValueError("use one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
 
-    @field_validator("allowed_buckets", "local_roots", mode="before")
+    @field_validator("allowed_buckets", "local_roots", "api_keys", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str) and value.lstrip().startswith("["):

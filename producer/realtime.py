@@ -1,0 +1,118 @@
+"""Realtime embedding requests: the messages that the HTTP API and the workers exchange through Redis.
+
+A request travels like this:
+
+1. The sender stores the request's JSON under REALTIME_REQUEST_KEY (with a TTL), appends its id to the
+   REALTIME_PENDING_KEY list of the realtime queue, and sends one TASK_EMBED task to that queue.
+2. A worker that takes a TASK_EMBED task pops up to CLIPFLEET_REALTIME_MAX_REQUESTS ids from the pending
+   list at once, so the requests of many clients go through the model together. A task that finds the list
+   empty (another worker took its request) ends at once.
+3. The worker pushes one RealtimeReply per request to REALTIME_REPLY_KEY, where the sender waits for it.
+
+A request popped by a worker that dies before it replies is lost: its sender times out.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+REALTIME_MESSAGE_VERSION = 1
+# Request ids become parts of Redis keys: letters, digits, '_' and '-' only.
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class RealtimeInput(BaseModel):
+    """One input to embed: a text, or an image given as an s3:// URI or as base64-encoded file bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    kind: Literal["text", "image"]
+    text: str | None = None
+    uri: str | None = None
+    data: str | None = None  # base64 of the image file's bytes
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> RealtimeInput:
+        given = [name for name in ("text", "uri", "data") if getattr(self, name) is not None]
+        expected = ["text"] if self.kind == "text" else None
+        if expected is not None and given != expected:
+            raise ValueError("a text input carries `text` only")
+        if self.kind == "image" and given not in (["uri"], ["data"]):
+            raise ValueError("an image input carries exactly one of `uri` and `data`")
+        return self
+
+
+class RealtimeRequest(BaseModel):
+    """The inputs of one embeddings request, all for one model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    version: int = REALTIME_MESSAGE_VERSION
+    request_id: str
+    model: str = Field(min_length=1)  # the CLIPFLEET_MODEL value of the workers that serve it
+    inputs: list[RealtimeInput] = Field(min_length=1)
+    deadline: float  # Unix time after which the sender no longer waits; workers skip the request after it
+
+    @field_validator("request_id")
+    @classmethod
+    def _check_request_id(cls, value: str) -> str:
+        return check_request_id(value)
+
+
+class RealtimeError(BaseModel):
+    """Why a request failed. `status` is the HTTP status the API answers with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: int | None = None  # the failing input, or None for the whole request
+    code: str  # an image error code of producer.constants.ERROR_CODES, or invalid_input, text_too_long, model_not_served
+    message: str
+    status: int = 400
+
+
+class RealtimeReply(BaseModel):
+    """A worker's answer to one request: the embeddings of all its inputs, or the error that stopped it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    request_id: str
+    model: str
+    worker: str = ""  # the worker's name, for logs
+    dim: int = 0
+    embeddings: str = ""  # base64 of little-endian float32 [inputs, dim], each row L2-normalised
+    tokens: list[int] = Field(default_factory=list)  # per input: text tokens, or image patches plus one
+    error: RealtimeError | None = None
+
+
+class EmbedTaskMessage(BaseModel):
+    """The argument of a TASK_EMBED task: which realtime queue's pending list to take requests from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    version: int = REALTIME_MESSAGE_VERSION
+    queue: str = Field(min_length=1, max_length=200)
+
+
+def check_request_id(value: str) -> str:
+    """Return `value` when it is a valid request id; raise ValueError quoting it otherwise."""
+    if not REQUEST_ID_RE.fullmatch(value):
+        raise ValueError(f"request id {value[:80]!r} must be 1 to 64 letters, digits, '_' or '-'")
+    return value
+
+
+def encode_vectors(vectors: np.ndarray) -> str:
+    """Return base64 of `vectors` ([rows, dim]) as little-endian float32, the form of RealtimeReply.embeddings."""
+    return base64.b64encode(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_vectors(data: str, rows: int, dim: int) -> np.ndarray:
+    """Return the float32 [rows, dim] array that `encode_vectors` encoded. Raises ValueError on a size mismatch."""
+    raw = base64.b64decode(data.encode("ascii"), validate=True)
+    if len(raw) != rows * dim * 4:
+        raise ValueError(f"expected {rows} x {dim} float32 values, got {len(raw)} bytes")
+    return np.frombuffer(raw, dtype="<f4").reshape(rows, dim).astype(np.float32)
