@@ -16,14 +16,29 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Literal
+import time
+from typing import Any, Literal
 
 import numpy as np
+import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from producer.constants import (
+    REALTIME_PENDING_KEY,
+    REALTIME_REPLY_KEY,
+    REALTIME_REQUEST_KEY,
+    TASK_EMBED,
+)
 
 REALTIME_MESSAGE_VERSION = 1
 # Request ids become parts of Redis keys: letters, digits, '_' and '-' only.
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A stored request outlives its deadline by this much, so a worker that pops it late still finds it and skips it.
+REQUEST_TTL_MARGIN_S = 30.0
+# Replies wait this long for their sender, which normally reads them at once.
+REPLY_TTL_S = 60
+# The sender waits for its reply in blocking reads of at most this many seconds, below the Redis socket timeout.
+WAIT_STEP_S = 2.0
 
 
 class RealtimeInput(BaseModel):
@@ -116,3 +131,44 @@ def decode_vectors(data: str, rows: int, dim: int) -> np.ndarray:
     if len(raw) != rows * dim * 4:
         raise ValueError(f"expected {rows} x {dim} float32 values, got {len(raw)} bytes")
     return np.frombuffer(raw, dtype="<f4").reshape(rows, dim).astype(np.float32)
+
+
+def send_request(client: redis.Redis, celery: Any, queue: str, request: RealtimeRequest) -> None:
+    """Store `request`, append it to `queue`'s pending list and send one TASK_EMBED task to `queue`.
+
+    The task expires at the request's deadline, so a worker does not run it once nobody waits for the answer.
+    """
+    ttl_ms = int((max(request.deadline - time.time(), 0.0) + REQUEST_TTL_MARGIN_S) * 1000)
+    with client.pipeline() as pipe:
+        pipe.set(REALTIME_REQUEST_KEY.format(request_id=request.request_id), request.model_dump_json(), px=ttl_ms)
+        pipe.rpush(REALTIME_PENDING_KEY.format(queue=queue), request.request_id)
+        pipe.execute()
+    task = EmbedTaskMessage(queue=queue).model_dump()
+    celery.send_task(TASK_EMBED, args=[task], queue=queue, expires=max(request.deadline - time.time(), 1.0))
+
+
+def wait_reply(client: redis.Redis, request_id: str, deadline: float) -> RealtimeReply | None:
+    """Return the reply to request `request_id`, or None when Unix time `deadline` passes first."""
+    key = REALTIME_REPLY_KEY.format(request_id=request_id)
+    while (remaining_s := deadline - time.time()) > 0:
+        popped = client.blpop([key], timeout=max(0.01, min(WAIT_STEP_S, remaining_s)))
+        if popped is not None:
+            return RealtimeReply.model_validate_json(popped[1])
+    return None
+
+
+def withdraw_request(client: redis.Redis, queue: str, request_id: str) -> None:
+    """Remove a request that nobody waits for any more, so no worker spends time on it. Idempotent."""
+    with client.pipeline() as pipe:
+        pipe.lrem(REALTIME_PENDING_KEY.format(queue=queue), 1, request_id)
+        pipe.delete(REALTIME_REQUEST_KEY.format(request_id=request_id))
+        pipe.execute()
+
+
+def push_reply(client: redis.Redis, reply: RealtimeReply) -> None:
+    """Deliver `reply` to its waiting sender (used by the workers)."""
+    key = REALTIME_REPLY_KEY.format(request_id=reply.request_id)
+    with client.pipeline() as pipe:
+        pipe.rpush(key, reply.model_dump_json())
+        pipe.expire(key, REPLY_TTL_S)
+        pipe.execute()
