@@ -85,7 +85,9 @@ class RealtimeError(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     index: int | None = None  # the failing input, or None for the whole request
-    code: str  # an image error code of producer.constants.ERROR_CODES, or invalid_input, text_too_long, model_not_served
+    # an image error code of producer.constants.ERROR_CODES, or invalid_input, text_too_long, model_not_served, or
+    # internal_error (status 500: the worker failed, or the stored request could not be read)
+    code: str
     message: str
     status: int = 400
 

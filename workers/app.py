@@ -16,6 +16,7 @@ import logging
 import math
 import multiprocessing
 import os
+import platform
 import signal
 import threading
 from dataclasses import dataclass
@@ -23,10 +24,12 @@ from typing import Any
 
 import psutil
 from celery import Celery, signals
+from kombu import Exchange, Queue
 
 from producer.queue import celery_config
 from producer.settings import Settings
 from workers import health
+from workers.heartbeat import Heartbeat
 from workers.transport import install as install_entry_checking_transport
 
 logger = logging.getLogger(__name__)
@@ -105,11 +108,15 @@ def worker_config(settings: Settings) -> dict[str, Any]:
     - `worker_soft_shutdown_timeout = 0`: the cold shutdown that ends the grace period after SIGTERM (see
       `begin_bounded_shutdown`) terminates running batches at once instead of sleeping first.
     - `broker_transport_options`: the visibility timeout of `celery_config`, plus a sweep for overdue
-      unacknowledged messages every `restore_interval_s`.
+      unacknowledged messages every `restore_interval_s`, and `queue_order_strategy = "priority"`: kombu 5.7's
+      Redis transport then always polls the consumed queues in their given order (`consumed_queues`), instead of
+      moving the queue it last took a task from to the end (its default, `round_robin`).
     """
     limits = delivery_limits(settings)
     transport_options = dict(celery_config(settings).get("broker_transport_options", {}))
-    transport_options.update(unacked_restore_interval=limits.restore_interval_s, unacked_restore_throttle=1)
+    transport_options.update(
+        unacked_restore_interval=limits.restore_interval_s, unacked_restore_throttle=1, queue_order_strategy="priority"
+    )
     return {
         "task_soft_time_limit": limits.soft_time_limit_s,
         "task_time_limit": limits.hard_time_limit_s,
@@ -120,21 +127,39 @@ def worker_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def consumed_queues(settings: Settings) -> list[str]:
+    """Return the queues a worker reads, first first: CLIPFLEET_REALTIME_QUEUE unless it is empty, then CLIPFLEET_QUEUE."""
+    return list(dict.fromkeys(name for name in (settings.realtime_queue, settings.queue) if name))
+
+
+def task_queues(settings: Settings) -> list[Queue]:
+    """Return `consumed_queues` as kombu queues, each bound like the queue Celery creates for a bare name."""
+    return [Queue(name, Exchange(name), routing_key=name) for name in consumed_queues(settings)]
+
+
 settings = Settings()
 app = Celery("clipfleet", include=["workers.tasks"])
 app.conf.update(celery_config(settings))
 app.conf.update(worker_config(settings))
+# The queues of a worker started without -Q, in the order it reads them (see `worker_config`).
+app.conf.task_queues = task_queues(settings)
 # kombu's Redis transport, changed to drop a malformed queue entry instead of stopping the worker.
 install_entry_checking_transport()
 
 EXIT_OK = 0
 # Set by the first SIGTERM, so a second one starts no second timer.
 _shutdown_started = threading.Event()
+# Set when Celery's own shutdown starts (SIGINT, SIGQUIT).
+_stopping = threading.Event()
 _grace_timers: list[threading.Timer] = []
 
 # Set to 1 by a pool process that cannot load the model. Created before the pool forks, so the parent and
 # its pool processes share it, and the parent exits with status 1 instead of 0.
 _model_failed = multiprocessing.Value("i", 0)
+# Pool processes that loaded the default model, shared the same way; the registry lists the worker from the first.
+_models_loaded = multiprocessing.Value("i", 0)
+# The worker's registry entry, kept from the main process once the worker consumes tasks.
+_heartbeats: list[Heartbeat] = []
 
 
 @signals.worker_init.connect
@@ -181,6 +206,8 @@ def load_model_in_pool_process(**_: Any) -> None:
         os.kill(os.getppid(), signal.SIGTERM)
         raise SystemExit(1) from e
     health.mark_model_loaded()
+    with _models_loaded.get_lock():
+        _models_loaded.value += 1
 
 
 @signals.worker_shutdown.connect
@@ -224,6 +251,8 @@ def begin_bounded_shutdown(grace_s: float) -> None:
         return
     _shutdown_started.set()
     health.mark_stopping()
+    for heartbeat in _heartbeats:
+        heartbeat.notify()
     logger.warning(
         "SIGTERM received: the running batch gets %g s (CLIPFLEET_SHUTDOWN_GRACE_S) to finish, then goes back to "
         "the queue", grace_s,
@@ -306,3 +335,32 @@ def mark_worker_stopping(**_: Any) -> None:
 def stop_metrics_server(**_: Any) -> None:
     """Stop serving metrics and remove their files; `health.stop` also runs at exit, when an earlier handler raised."""
     health.stop()
+
+
+@signals.worker_ready.connect
+def start_heartbeat(sender: Any = None, **_: Any) -> None:
+    """Announce the worker in the registry of live workers once a pool process has loaded the model (see
+    `workers.heartbeat`), under Celery's node name, such as celery@host."""
+    name = getattr(sender, "hostname", None) or f"celery@{platform.node()}"
+    heartbeat = Heartbeat.for_settings(name, settings, _ready_for_registry)
+    _heartbeats.append(heartbeat)
+    heartbeat.start()
+
+
+def _ready_for_registry() -> bool:
+    return bool(_models_loaded.value) and not _model_failed.value and not _shutdown_started.is_set() and not _stopping.is_set()
+
+
+@signals.worker_shutting_down.connect
+def withdraw_from_registry_soon(**_: Any) -> None:
+    """Let the heartbeat thread withdraw the worker now that Celery's shutdown has started (SIGINT, SIGQUIT)."""
+    _stopping.set()
+    for heartbeat in _heartbeats:
+        heartbeat.notify()
+
+
+@signals.worker_shutdown.connect
+def stop_heartbeat(**_: Any) -> None:
+    """Stop the heartbeat thread and withdraw the worker from the registry."""
+    for heartbeat in _heartbeats:
+        heartbeat.stop()

@@ -32,6 +32,11 @@ P = ParamSpec("P")
 STAGES = ("fetch", "decode", "preprocess", "wait_images", "model", "write")
 PROMPT_CACHE_LEVELS = ("process", "redis")
 IMAGE_OUTCOMES = ("succeeded", "failed")
+# Outcomes of realtime requests taken from a queue: a reply with embeddings, a reply with an error, or no reply
+# because the request was past its deadline, or withdrawn or expired before a worker read it.
+REALTIME_OUTCOMES = ("succeeded", "failed", "expired", "withdrawn")
+# Requests per embed call, up to CLIPFLEET_REALTIME_MAX_REQUESTS (at most 4096).
+REALTIME_REQUESTS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 # Status of a batch delivery that raised, so the task retries it (see `workers.tasks.classify_batch`).
 BATCH_ERROR_STATUS = "error"
 BATCH_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800)
@@ -107,6 +112,15 @@ class WorkerMetrics:
             multiprocess_mode="mostrecent", registry=registry,
         )
 
+        self.realtime_requests = Counter(
+            "clipfleet_realtime_requests", "Realtime embedding requests taken from the queue, by outcome", ["outcome"],
+            registry=registry,
+        )
+        self.realtime_requests_per_call = Histogram(
+            "clipfleet_realtime_requests_per_call", "Realtime requests that one embed task replied to together",
+            buckets=REALTIME_REQUESTS_BUCKETS, registry=registry,
+        )
+
         # livesum: the sum over the pool processes that are alive, on CUDA only.
         self.device_memory = Gauge(
             "clipfleet_device_memory_allocated_bytes", "CUDA memory held by tensors (torch.cuda.memory_allocated)",
@@ -125,6 +139,8 @@ class WorkerMetrics:
         for level in PROMPT_CACHE_LEVELS:
             self.prompt_cache_hits.labels(level=level)
             self.prompt_cache_misses.labels(level=level)
+        for outcome in REALTIME_OUTCOMES:
+            self.realtime_requests.labels(outcome=outcome)
 
     def record_batch(self, outcome: BatchOutcome, duration_s: float) -> None:
         """Count one batch delivery's outcome, its images by outcome and error code, and its durations."""
@@ -138,6 +154,14 @@ class WorkerMetrics:
         for stage, seconds in outcome.durations_s.items():
             self.stage_duration.labels(stage=stage).observe(seconds)
         self.update_device_memory()
+
+    def record_realtime_call(self, outcomes: dict[str, int]) -> None:
+        """Count one embed call's requests by outcome (keys of REALTIME_OUTCOMES), and observe how many got a reply."""
+        for outcome, count in outcomes.items():
+            self.realtime_requests.labels(outcome=outcome).inc(count)
+        answered = outcomes.get("succeeded", 0) + outcomes.get("failed", 0)
+        if answered:
+            self.realtime_requests_per_call.observe(answered)
 
     def record_queue_wait(self, wait_s: float) -> None:
         """Observe how long a batch waited in the queue; a negative wait (clocks of two hosts apart) counts as 0."""

@@ -396,9 +396,20 @@ def load_pixels(
     """
     settings = runtime.settings
     stages = stages or StageTimes()
-    preprocessor = loaded.preprocessor
     with stages.timed("fetch"):
         data = fetch_bytes(runtime.storage, uri, settings.max_image_bytes, settings.allowed_buckets, root, job_id=job_id, batch=batch)
+    return decode_pixels(runtime, loaded, data, stages)
+
+
+def decode_pixels(runtime: WorkerRuntime, loaded: LoadedModel, data: bytes, stages: StageTimes | None = None) -> np.ndarray:
+    """Decode and preprocess the bytes of one image file, as `load_pixels` does after the fetch. Thread-safe.
+
+    Raises ImageError for bytes that are not a readable image within CLIPFLEET_MAX_IMAGE_PIXELS. The caller
+    checks CLIPFLEET_MAX_IMAGE_BYTES.
+    """
+    settings = runtime.settings
+    stages = stages or StageTimes()
+    preprocessor = loaded.preprocessor
     draft_size = preprocessor.draft_size if preprocessor is not None and settings.jpeg_draft else None
     # The image's pixels stay reserved until preprocessing has scaled it down to the model's input size.
     with runtime.decode_budget.reserve(image_pixels(data)):

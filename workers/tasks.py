@@ -15,9 +15,11 @@ from producer.constants import (
     PUBLISHED_AT_HEADER,
     REDIS_RETRIES_FIELD,
     TASK_CLASSIFY_BATCH,
+    TASK_EMBED,
 )
 from producer.errors import StorageError
 from producer.messages import BatchMessage
+from producer.realtime import EmbedTaskMessage
 from producer.redis_client import RedisRetryScope, redis_retry_scope
 from workers.app import app, delivery_limits, settings
 
@@ -81,6 +83,29 @@ def classify_batch(*args: Any, **kwargs: Any) -> dict[str, Any]:
         warn_if_slow(message, time.monotonic() - started)
         _count_redis_retries(message, redis_scope.retries)
     return {"status": outcome.status, "succeeded": outcome.succeeded, "failed": outcome.failed}
+
+
+@app.task(name=TASK_EMBED, Strategy="workers.strategy:reject_malformed_requests")
+def embed(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Embed the waiting requests of a realtime queue, sent as one positional argument: the JSON object of an
+    `EmbedTaskMessage` (see `workers.realtime.embed_pending`).
+
+    A message of another shape is logged as an error and dropped. Nothing is retried, because the requests'
+    senders wait only until their deadlines. A failure after the requests were taken sends them error replies.
+    """
+    from workers.realtime import embed_pending
+    from workers.runtime import get_runtime
+
+    if len(args) != 1 or kwargs:
+        logger.error("Dropped an embed message with %d positional and %d keyword arguments; expected one JSON object", len(args), len(kwargs))
+        return {"status": "invalid_message"}
+    try:
+        message = EmbedTaskMessage.model_validate(args[0])
+    except ValidationError as e:
+        logger.error("Dropped a malformed embed message: %s", _describe_errors(e))
+        return {"status": "invalid_message"}
+    replied = embed_pending(get_runtime(), message, worker=embed.request.hostname or "")
+    return {"status": "done", "replied": replied}
 
 
 def warn_if_slow(message: BatchMessage, elapsed_s: float) -> None:
