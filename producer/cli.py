@@ -201,8 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="start a Celery worker with production defaults")
     worker.add_argument("--concurrency", type=int, default=1, help="pool processes (default 1); several processes may share one GPU, see docs/benchmarks.md")
-    worker.add_argument("--queue", default=None, help="queue to consume (default: CLIPFLEET_QUEUE)")
+    worker.add_argument(
+        "--queue", default=None,
+        help="batch queue to consume (default: CLIPFLEET_QUEUE); CLIPFLEET_REALTIME_QUEUE, unless empty, is read before it",
+    )
     worker.set_defaults(handler=cmd_worker)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API (models, embeddings, files, batches) in front of the workers")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 listens on every interface)")
+    serve.add_argument("--port", type=_tcp_port, default=8000, help="TCP port to listen on (default 8000)")
+    serve.add_argument("--workers", type=_positive_int, default=1, help="server processes (default 1); each reads the CLIPFLEET_* settings itself")
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 
@@ -230,6 +239,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from e
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
+def _tcp_port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; use 1 to 65535")
     return value
 
 
@@ -585,20 +601,39 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """
     from celery.bin.celery import celery as celery_command
 
-    from workers.app import settings
+    if args.queue:
+        # Before workers.app reads its settings, so its queues and its registry entry name this queue too.
+        os.environ["CLIPFLEET_QUEUE"] = args.queue
+    from workers.app import consumed_queues, settings
 
-    queue = args.queue or settings.queue
+    # The realtime queue comes first, so the worker takes realtime requests before batches (see workers.app).
+    queues = ",".join(consumed_queues(settings))
     # `celery worker` ends with click's ctx.exit(status). Celery 5.7's `app.worker_main` and `app.start` drop
     # that status, so a worker stopped by an unrecoverable error would exit 0 and its supervisor would not
     # see the failure. click returns the status when `standalone_mode` is off.
     exit_status = celery_command.main(args=[
-        "-A", "workers.app", "worker", f"--concurrency={args.concurrency}", "--pool=prefork", f"--queues={queue}",
+        "-A", "workers.app", "worker", f"--concurrency={args.concurrency}", "--pool=prefork", f"--queues={queues}",
         f"--loglevel={settings.log_level}", "--task-events", "--without-gossip", "--without-mingle",
     ], standalone_mode=False)
     if isinstance(exit_status, str):  # SystemExit("message"), as raised by the worker's startup checks
         print(exit_status, file=sys.stderr)
         return EXIT_ERROR
     return int(exit_status or 0)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the HTTP API until SIGINT or SIGTERM. Returns EXIT_USAGE when CLIPFLEET_REDIS_URL is not set."""
+    settings = Settings()
+    if not settings.redis_url:
+        print(
+            "error: CLIPFLEET_REDIS_URL is not set: `clipfleet serve` sends requests to the workers through their Redis; "
+            "set it to that Redis, for example redis://localhost:6379/0", file=sys.stderr,
+        )
+        return EXIT_USAGE
+    from producer.api.app import run  # FastAPI and uvicorn load for this command only
+
+    run(settings, args.host, args.port, workers=args.workers)
+    return 0
 
 
 def _print_summary(job: Job, status: JobStatus, elapsed_s: float) -> None:

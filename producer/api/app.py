@@ -7,7 +7,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer.api import batches, embeddings, files, models
 from producer.api.errors import ApiError, error_response, install_error_handlers
@@ -17,6 +20,9 @@ from producer.settings import Settings
 # Routes that answer without an API key: the API's own description and the liveness probe.
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/healthz"})
 UPLOAD_PATH = "/v1/files"
+# Requests that are handled at the same time, each on its own thread; further requests wait for a free thread.
+REQUEST_THREADS = 256
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -25,6 +31,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Sync routes run in anyio's thread pool, and an embeddings request blocks its thread while it waits for a
+        # worker. anyio's default of 40 threads would queue the 41st concurrent request behind the others.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = REQUEST_THREADS
         stop_background = batches.start_background(state)
         try:
             yield
@@ -39,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.api = state
     install_error_handlers(app)
-    app.middleware("http")(_limit_body(state.settings))
+    app.add_middleware(BodyLimit, settings=state.settings)
     app.middleware("http")(_check_api_key(state.settings.api_keys))
     for module in (models, embeddings, files, batches):
         app.include_router(module.router)
@@ -76,20 +85,46 @@ def _check_api_key(keys: list[str]) -> Callable[[Request, Handler], Awaitable[Re
     return check
 
 
-def _limit_body(settings: Settings) -> Callable[[Request, Handler], Awaitable[Response]]:
-    """Middleware: answer 413 for a body declared larger than the route's limit (uploads have their own)."""
+class BodyLimit:
+    """ASGI middleware: answer 413 for a body over the route's limit (uploads have their own, see `body_limit`).
 
-    async def limit(request: Request, call_next: Handler) -> Response:
-        limit_bytes, setting = body_limit(settings, request.url.path)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
-            return error_response(ApiError(
-                413, f"request body of {int(declared)} bytes is over the limit of {limit_bytes} bytes ({setting}); "
-                "send fewer or smaller inputs", code="request_too_large",
-            ))
-        return await call_next(request)
+    A declared Content-Length over the limit is rejected before the body is read. A body sent without one
+    (chunked) is counted as it arrives, and reading stops with 413 once it passes the limit.
+    """
 
-    return limit
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit_bytes, setting = body_limit(self.settings, scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit_bytes:
+            await error_response(body_too_large(int(declared), limit_bytes, setting))(scope, receive, send)
+            return
+        received_bytes = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received_bytes
+            message = await receive()
+            received_bytes += len(message.get("body", b""))
+            if received_bytes > limit_bytes:
+                error = body_too_large(received_bytes, limit_bytes, setting)
+                # Raised inside the route's body parsing, so FastAPI's exception handlers answer it.
+                raise StarletteHTTPException(error.status, error.message)
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+
+def body_too_large(size_bytes: int, limit_bytes: int, setting: str) -> ApiError:
+    return ApiError(
+        413, f"request body of {size_bytes} bytes or more is over the limit of {limit_bytes} bytes ({setting}); "
+        "send fewer or smaller inputs", code="request_too_large",
+    )
 
 
 def body_limit(settings: Settings, path: str) -> tuple[int, str]:
@@ -109,8 +144,28 @@ def _version() -> str:
         return "unknown"
 
 
-def run(settings: Settings, host: str, port: int, **uvicorn_options: Any) -> None:
-    """Serve the API with uvicorn until interrupted."""
+def run(settings: Settings, host: str, port: int, workers: int = 1) -> None:
+    """Serve the API with uvicorn on `host`:`port` until SIGINT or SIGTERM, logging at CLIPFLEET_LOG_LEVEL.
+
+    With `workers` > 1, uvicorn starts that many server processes, each building its app from the environment.
+    Access log lines show the client address, method, path and status, never request headers such as API keys.
+    """
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=host, port=port, **uvicorn_options)
+    options: dict[str, Any] = {"host": host, "port": port, "log_config": log_config(settings.log_level)}
+    if workers > 1:
+        uvicorn.run("producer.api.app:create_app", factory=True, workers=workers, **options)
+    else:
+        uvicorn.run(create_app(settings), **options)
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """Return the logging configuration of each server process: every logger, uvicorn's too, at `level` on stderr."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": {name: {"level": level, "handlers": [], "propagate": True} for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+    }

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+# Errors of the connection to Redis, from redis-py and from Celery's broker connection, returned as 503.
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
 
 # OpenAI's error types by HTTP status.
 ERROR_TYPES = {
@@ -75,7 +83,24 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}; see /openapi.json for the API"
         elif error.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
-        return error_response(ApiError(error.status_code, message))
+        code = "request_too_large" if error.status_code == 413 else None
+        return error_response(ApiError(error.status_code, message, code=code))
+
+    for error_class in REDIS_ERRORS:
+        app.add_exception_handler(error_class, _redis_error)
+
+
+async def _redis_error(request: Request, error: Exception) -> JSONResponse:
+    logger.warning("%s %s failed: Redis is unreachable: %s", request.method, request.url.path, error)
+    return error_response(redis_unavailable())
+
+
+def redis_unavailable() -> ApiError:
+    """Return the 503 of a request that failed because Redis, which carries every request to the workers, is unreachable."""
+    return ApiError(
+        503, "the API server cannot reach Redis, which carries requests to the workers; retry later, and check that "
+        "the Redis of CLIPFLEET_REDIS_URL is running", code="redis_unavailable",
+    )
 
 
 def validation_error(error: RequestValidationError) -> ApiError:
