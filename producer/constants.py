@@ -59,6 +59,8 @@ API_FILE_KEY = KEY_PREFIX + "api:file:{file_id}"
 API_FILES_INDEX_KEY = KEY_PREFIX + "api:files"
 API_BATCH_KEY = KEY_PREFIX + "api:batch:{batch_id}"
 API_BATCHES_INDEX_KEY = KEY_PREFIX + "api:batches"
+# set: the ids of batches that are not yet completed, failed, expired or cancelled, which the drivers advance
+API_BATCHES_ACTIVE_KEY = KEY_PREFIX + "api:batches:active"
 # string with a TTL: the API server process that currently drives a batch
 API_BATCH_LEASE_KEY = KEY_PREFIX + "api:batch:{batch_id}:lease"
 
