@@ -2,14 +2,21 @@
 
 The file is parsed with PyYAML and ``${VAR:-default}`` interpolation is resolved here, so the
 checks see the values that ``docker compose config`` would produce for a given environment.
-They cover names, hosts, ports and credentials, not whether the images run.
+They cover names, hosts, ports and credentials, not whether the images run. One test runs the
+API service's command and healthcheck on this host, against a real Redis.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,8 @@ import pytest
 import yaml
 
 from producer.constants import DEFAULT_MODEL
+from producer.embedded import ManagedProcess, free_port
+from producer.settings import Settings
 from producer.uris import parse_s3_uri
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +155,7 @@ def test_interpolate_resolves_compose_syntax(text: str, environment: dict[str, s
 
 
 def test_services_exist(services: dict[str, Any]) -> None:
-    assert {"redis", "minio", "createbuckets", "worker"} <= set(services)
+    assert {"redis", "minio", "createbuckets", "worker", "api"} <= set(services)
 
 
 def test_redis_persists_and_never_evicts(services: dict[str, Any]) -> None:
@@ -248,7 +257,7 @@ def test_createbuckets_makes_valid_buckets(services: dict[str, Any]) -> None:
     script = "\n".join(command_words(services["createbuckets"]))
     buckets = re.findall(r"\blocal/([^\s\"']+)", script)
 
-    assert set(buckets) == {"clipfleet-input", "clipfleet-results"}
+    assert set(buckets) == {"clipfleet-input", "clipfleet-results", "clipfleet-api"}
     for bucket in buckets:
         assert parse_s3_uri(f"s3://{bucket}/").bucket == bucket
 
@@ -313,7 +322,7 @@ def test_gpu_worker_only_in_gpu_profile(services: dict[str, Any]) -> None:
 def test_default_services_need_no_profile(services: dict[str, Any]) -> None:
     default_services = {name for name, service in services.items() if not service.get("profiles")}
 
-    assert default_services == {"redis", "minio", "createbuckets", "worker", "flower"}
+    assert default_services == {"redis", "minio", "createbuckets", "worker", "api", "flower"}
 
 
 def test_gpu_worker_reserves_nvidia_gpu(services: dict[str, Any]) -> None:
@@ -340,7 +349,7 @@ def test_gpu_worker_environment_matches_cpu_worker(environment: dict[str, str], 
     assert service_environment(services["worker-gpu"])[key] == service_environment(services["worker"])[key]
 
 
-@pytest.mark.parametrize("name", ["worker", "worker-gpu", "submit", "flower"])
+@pytest.mark.parametrize("name", ["worker", "worker-gpu", "submit", "api", "flower"])
 def test_service_uses_redis_service_as_broker(services: dict[str, Any], name: str) -> None:
     if name == "flower":
         broker = flower_broker_url(services)
@@ -411,3 +420,132 @@ def test_gpu_worker_healthcheck_probes_readyz(services: dict[str, Any]) -> None:
     metrics_port = service_environment(worker)["CLIPFLEET_METRICS_PORT"]
 
     assert f"http://127.0.0.1:{metrics_port}/readyz" in probe
+
+
+# The HTTP API
+
+
+def api_port(services: Mapping[str, Any]) -> int:
+    return int(option_value(command_words(services["api"]), "--port") or 8000)
+
+
+def api_files_bucket(services: Mapping[str, Any]) -> str:
+    return parse_s3_uri(service_environment(services["api"])["CLIPFLEET_API_FILES_URI"]).bucket
+
+
+def settings_from_environment(environment: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Return the Settings that a process reads with `environment` as its only CLIPFLEET_* variables."""
+    for name in [name for name in os.environ if name.startswith("CLIPFLEET_")]:
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    return Settings()
+
+
+def test_api_runs_clipfleet_serve(services: dict[str, Any]) -> None:
+    api = services["api"]
+    build = api["build"]
+    dockerfile = REPO_ROOT / build["context"] / build["dockerfile"]
+    entrypoints = [exec_form(arguments) for keyword, arguments in dockerfile_instructions(dockerfile) if keyword == "ENTRYPOINT"]
+    words = command_words(api)
+
+    assert dockerfile == REPO_ROOT / "ops" / "producer.Dockerfile"
+    assert entrypoints[-1] + words[:1] == ["clipfleet", "serve"]
+    # Inside the container the server must listen on every interface, or the published port reaches nothing.
+    assert option_value(words, "--host") == "0.0.0.0"
+
+
+def test_api_port_published_on_loopback_only(services: dict[str, Any]) -> None:
+    port = api_port(services)
+
+    assert services["api"]["ports"] == [f"127.0.0.1:{port}:{port}"]
+
+
+def test_api_healthcheck_probes_healthz(services: dict[str, Any]) -> None:
+    probe = " ".join(services["api"]["healthcheck"]["test"])
+
+    assert f"http://127.0.0.1:{api_port(services)}/healthz" in probe
+
+
+def test_api_waits_for_dependencies_and_buckets(services: dict[str, Any]) -> None:
+    depends_on = services["api"]["depends_on"]
+
+    assert depends_on["redis"]["condition"] == "service_healthy"
+    assert depends_on["minio"]["condition"] == "service_healthy"
+    assert depends_on["createbuckets"]["condition"] == "service_completed_successfully"
+
+
+def test_api_files_bucket_exists_in_createbuckets(services: dict[str, Any]) -> None:
+    assert api_files_bucket(services) in createbuckets_buckets(services)
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_workers_may_read_api_files(services: dict[str, Any], name: str) -> None:
+    # Workers read the inputs of batches uploaded through the API from the files bucket.
+    allowed = service_environment(services[name]).get("CLIPFLEET_ALLOWED_BUCKETS", "")
+
+    assert not allowed or api_files_bucket(services) in allowed.split(",")
+
+
+@pytest.mark.parametrize("environment", [{}, OVERRIDDEN_ENVIRONMENT], ids=["defaults", "overridden"])
+@pytest.mark.parametrize("name", WORKERS)
+def test_api_environment_matches_workers(environment: dict[str, str], name: str) -> None:
+    compose = load_compose(environment)
+    api = service_environment(compose["services"]["api"])
+    worker = service_environment(compose["services"][name])
+
+    for key in compose["x-clipfleet-environment"]:
+        assert api[key] == worker[key], key
+    # The API routes requests to the realtime queue that the workers announce, so both must name the same one.
+    assert api.get("CLIPFLEET_REALTIME_QUEUE") == worker.get("CLIPFLEET_REALTIME_QUEUE")
+
+
+def test_api_keys_from_host_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = service_environment(load_compose()["services"]["api"])
+    overridden = service_environment(load_compose({"CLIPFLEET_API_KEYS": "key-a,key-b"})["services"]["api"])
+
+    assert settings_from_environment(defaults, monkeypatch).api_keys == []
+    assert settings_from_environment(overridden, monkeypatch).api_keys == ["key-a", "key-b"]
+
+
+def test_api_stop_grace_outlasts_request_timeout(services: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    api = services["api"]
+    settings = settings_from_environment(service_environment(api), monkeypatch)
+
+    assert compose_duration_s(api["stop_grace_period"]) > settings.api_timeout_s
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def test_api_command_passes_healthcheck_with_keys(services: dict[str, Any], redis_url: str, tmp_path: Path) -> None:
+    # The service's own command and healthcheck, run on loopback: /healthz must return 200 without an API key.
+    api = services["api"]
+    port = free_port()
+    words = command_words(api)
+    words[words.index("--host") + 1] = "127.0.0.1"
+    words[words.index("--port") + 1] = str(port)
+    env = dict(os.environ, **service_environment(api))
+    env.update(CLIPFLEET_REDIS_URL=redis_url, CLIPFLEET_S3_ENDPOINT_URL="http://127.0.0.1:9", CLIPFLEET_API_KEYS="key-a")
+    probe = [word.replace(f":{api_port(services)}/", f":{port}/") for word in api["healthcheck"]["test"][1:]]
+    probe[0] = sys.executable if probe[0] == "python" else probe[0]
+    server = ManagedProcess("api", [sys.executable, "-m", "producer.cli", *words], tmp_path / "api.log", env)
+    try:
+        deadline = time.monotonic() + 60
+        while http_status(f"http://127.0.0.1:{port}/healthz") is None and time.monotonic() < deadline:
+            assert server.running(), server.log_tail()
+            time.sleep(0.2)
+        result = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+
+        assert result.returncode == 0, result.stderr + server.log_tail()
+        assert http_status(f"http://127.0.0.1:{port}/v1/models") == 401
+    finally:
+        server.stop()
+

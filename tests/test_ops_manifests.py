@@ -29,7 +29,12 @@ from cloudcoil.models.keda import v1alpha1 as keda
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from producer.constants import DEFAULT_LOW_WATER, DEFAULT_MAX_TASKS, DEFAULT_QUEUE
+from producer.constants import (
+    DEFAULT_LOW_WATER,
+    DEFAULT_MAX_TASKS,
+    DEFAULT_QUEUE,
+    DEFAULT_REALTIME_QUEUE,
+)
 from producer.queue import celery_config
 from producer.settings import Settings
 
@@ -49,6 +54,10 @@ CLUSTER_SCOPED_KINDS = {"Namespace"}
 TORCH_VERSION = "2.13.0"
 TORCH_CUDA_VERSION = "13.0"
 WORKER_PACKAGES = {"torch", "transformers"}
+# The names of the worker's and the HTTP API's Deployment, and of the objects that belong to each.
+WORKER_NAME = "clipfleet-worker"
+API_NAME = "clipfleet-api"
+WORKER_METRICS_SERVICE = "clipfleet-worker-metrics"
 
 
 # Loading
@@ -66,10 +75,15 @@ def load_documents() -> list[dict[str, Any]]:
 DOCUMENTS = load_documents()
 
 
-def find_one(kind: str) -> dict[str, Any]:
-    matches = [document for document in DOCUMENTS if document["kind"] == kind]
+def find_one(kind: str, name: str | None = None) -> dict[str, Any]:
+    """Return the only object of `kind` in ops/k8s/, or the only one named `name` when given."""
+    matches = [
+        document for document in DOCUMENTS
+        if document["kind"] == kind and name in (None, document["metadata"]["name"])
+    ]
     if len(matches) != 1:
-        raise LookupError(f"expected one {kind} in {K8S_DIR}, found {len(matches)}")
+        named = f" named {name!r}" if name else ""
+        raise LookupError(f"expected one {kind}{named} in {K8S_DIR}, found {len(matches)}")
     return matches[0]
 
 
@@ -85,29 +99,60 @@ def secret_data() -> dict[str, str]:
     return find_one("Secret")["stringData"]
 
 
+def worker_deployment() -> dict[str, Any]:
+    return find_one("Deployment", WORKER_NAME)
+
+
+def api_deployment() -> dict[str, Any]:
+    return find_one("Deployment", API_NAME)
+
+
+def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
+    return deployment["spec"]["template"]["spec"]
+
+
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
 def worker_container() -> dict[str, Any]:
-    containers = find_one("Deployment")["spec"]["template"]["spec"]["containers"]
-    return next(container for container in containers if container["name"] == "worker")
+    return next(container for container in pod_spec(worker_deployment())["containers"] if container["name"] == "worker")
+
+
+def api_container() -> dict[str, Any]:
+    return next(container for container in pod_spec(api_deployment())["containers"] if container["name"] == "api")
+
+
+def redis_triggers() -> list[dict[str, Any]]:
+    return [trigger for trigger in find_one("ScaledObject")["spec"]["triggers"] if trigger["type"] == "redis"]
 
 
 def redis_trigger() -> dict[str, Any]:
-    triggers = find_one("ScaledObject")["spec"]["triggers"]
-    return next(trigger for trigger in triggers if trigger["type"] == "redis")
+    """The trigger on the batch queue, the first: ops/README.md and the dashboard tests quote its values."""
+    return redis_triggers()[0]
 
 
-def resolve_container_port(port: int | str) -> int:
-    """Return the number of a probe's or Service's port, given as a number or a container port name."""
+def realtime_trigger() -> dict[str, Any]:
+    """The trigger on the realtime queue of the HTTP API's requests, the second."""
+    return redis_triggers()[1]
+
+
+def resolve_container_port(port: int | str, container: dict[str, Any] | None = None) -> int:
+    """Return the number of a probe's or Service's port, given as a number or a port name of `container`
+    (by default the worker's)."""
     if isinstance(port, int):
         return port
-    named = {entry["name"]: entry["containerPort"] for entry in worker_container()["ports"]}
+    named = {entry["name"]: entry["containerPort"] for entry in (container or worker_container())["ports"]}
     return named[port]
 
 
-def settings_from_config(monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Return the Settings that a worker reads with the ConfigMap as its only CLIPFLEET_* environment."""
+def settings_from_config(monkeypatch: pytest.MonkeyPatch, with_secret: bool = False) -> Settings:
+    """Return the Settings that a pod reads with the ConfigMap (and the Secret's CLIPFLEET_* keys, with
+    `with_secret`) as its only CLIPFLEET_* environment."""
     for name in [name for name in os.environ if name.startswith("CLIPFLEET_")]:
         monkeypatch.delenv(name)
-    for name, value in config_data().items():
+    secret = {name: value for name, value in secret_data().items() if name.startswith("CLIPFLEET_")}
+    for name, value in {**config_data(), **(secret if with_secret else {})}.items():
         monkeypatch.setenv(name, value)
     return Settings()
 
@@ -122,8 +167,8 @@ def selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def test_manifests_found():
     kinds = sorted(document["kind"] for document in DOCUMENTS)
     assert kinds == sorted([
-        "ConfigMap", "Deployment", "Namespace", "PodDisruptionBudget", "ScaledObject", "Secret", "Service",
-        "TriggerAuthentication",
+        "ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler", "Namespace", "PodDisruptionBudget",
+        "PodDisruptionBudget", "ScaledObject", "Secret", "Service", "Service", "TriggerAuthentication",
     ])
 
 
@@ -137,7 +182,7 @@ def test_kubernetes_schema_strict(document):
 
 
 def test_kubernetes_schema_rejects_unknown_field():
-    deployment = copy.deepcopy(find_one("Deployment"))
+    deployment = copy.deepcopy(worker_deployment())
     deployment["spec"]["template"]["spec"]["terminationGracePeriod"] = 75
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
@@ -218,7 +263,7 @@ def test_scaler_list_is_default_queue():
 
 def test_scaler_targets_worker_deployment():
     target = find_one("ScaledObject")["spec"]["scaleTargetRef"]
-    assert target["name"] == find_one("Deployment")["metadata"]["name"]
+    assert target["name"] == worker_deployment()["metadata"]["name"]
     assert target.get("kind", "Deployment") == "Deployment"
 
 
@@ -274,8 +319,8 @@ def test_probe_uses_metrics_port(probe):
 
 def test_metrics_service_and_annotations_port():
     metrics_port = int(config_data()["CLIPFLEET_METRICS_PORT"])
-    service_port = find_one("Service")["spec"]["ports"][0]
-    annotations = find_one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    service_port = find_one("Service", WORKER_METRICS_SERVICE)["spec"]["ports"][0]
+    annotations = worker_deployment()["spec"]["template"]["metadata"]["annotations"]
     assert resolve_container_port(service_port["targetPort"]) == metrics_port
     assert int(annotations["prometheus.io/port"]) == metrics_port
     assert annotations["prometheus.io/scrape"] == "true"
@@ -284,7 +329,7 @@ def test_metrics_service_and_annotations_port():
 
 def test_grace_period_above_shutdown_grace():
     shutdown_grace_s = float(config_data()["CLIPFLEET_SHUTDOWN_GRACE_S"])
-    termination_grace_s = find_one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    termination_grace_s = pod_spec(worker_deployment())["terminationGracePeriodSeconds"]
     assert termination_grace_s > shutdown_grace_s
     # The worker exits about 1.4 s after its grace ends (README.md), so leave a margin of several seconds.
     assert termination_grace_s - shutdown_grace_s >= 10
@@ -301,15 +346,15 @@ def test_worker_gets_config_and_secrets():
 
 
 def test_pdb_selects_worker_pods():
-    pod_labels = find_one("Deployment")["spec"]["template"]["metadata"]["labels"]
-    assert selector_matches(find_one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
+    labels = pod_labels(worker_deployment())
+    assert selector_matches(find_one("PodDisruptionBudget", WORKER_NAME)["spec"]["selector"]["matchLabels"], labels)
 
 
 def test_deployment_and_service_select_worker_pods():
-    deployment = find_one("Deployment")
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert selector_matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
-    assert selector_matches(find_one("Service")["spec"]["selector"], pod_labels)
+    deployment = worker_deployment()
+    labels = pod_labels(deployment)
+    assert selector_matches(deployment["spec"]["selector"]["matchLabels"], labels)
+    assert selector_matches(find_one("Service", WORKER_METRICS_SERVICE)["spec"]["selector"], labels)
 
 
 def test_worker_requests_one_gpu():
@@ -317,24 +362,207 @@ def test_worker_requests_one_gpu():
 
 
 def test_worker_tolerates_gpu_taint():
-    tolerations = find_one("Deployment")["spec"]["template"]["spec"]["tolerations"]
+    tolerations = pod_spec(worker_deployment())["tolerations"]
     assert any(toleration["key"] == "nvidia.com/gpu" for toleration in tolerations)
 
 
 def test_worker_scheduled_on_gpu_nodes():
-    affinity = find_one("Deployment")["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    affinity = pod_spec(worker_deployment())["affinity"]["nodeAffinity"]
     terms = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     keys = [expression["key"] for term in terms for expression in term["matchExpressions"]]
     assert keys == ["nvidia.com/gpu.present"]
 
 
 def test_deployment_leaves_replicas_to_keda():
-    assert "replicas" not in find_one("Deployment")["spec"]
+    assert "replicas" not in worker_deployment()["spec"]
 
 
 def test_worker_runs_as_image_user():
-    pod_security = find_one("Deployment")["spec"]["template"]["spec"]["securityContext"]
+    pod_security = pod_spec(worker_deployment())["securityContext"]
     assert pod_security["runAsUser"] == int(dockerfile_value("worker-cuda.Dockerfile", "USER"))
+
+
+# The HTTP API tier
+
+
+def test_api_deployment_and_service_select_api_pods():
+    deployment = api_deployment()
+    labels = pod_labels(deployment)
+    assert selector_matches(deployment["spec"]["selector"]["matchLabels"], labels)
+    assert selector_matches(find_one("Service", API_NAME)["spec"]["selector"], labels)
+    assert selector_matches(find_one("PodDisruptionBudget", API_NAME)["spec"]["selector"]["matchLabels"], labels)
+
+
+def test_api_and_worker_pods_kept_apart():
+    # A Service or budget that selected both tiers would send requests to workers or count GPU pods as API pods.
+    worker_labels, api_labels = pod_labels(worker_deployment()), pod_labels(api_deployment())
+    assert not selector_matches(find_one("Service", API_NAME)["spec"]["selector"], worker_labels)
+    assert not selector_matches(find_one("PodDisruptionBudget", API_NAME)["spec"]["selector"]["matchLabels"], worker_labels)
+    assert not selector_matches(find_one("Service", WORKER_METRICS_SERVICE)["spec"]["selector"], api_labels)
+    assert not selector_matches(find_one("PodDisruptionBudget", WORKER_NAME)["spec"]["selector"]["matchLabels"], api_labels)
+
+
+def test_api_runs_clipfleet_serve():
+    arguments = api_container()["args"]
+    assert arguments[0] == "serve"
+    assert arguments[arguments.index("--host") + 1] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("probe", ["readinessProbe", "livenessProbe"])
+def test_api_probe_on_served_port(probe):
+    container = api_container()
+    arguments = container["args"]
+    served_port = int(arguments[arguments.index("--port") + 1])
+    probe_get = container[probe]["httpGet"]
+    assert probe_get["path"] == "/healthz"
+    assert resolve_container_port(probe_get["port"], container) == served_port
+
+
+def test_api_service_targets_served_port():
+    container = api_container()
+    arguments = container["args"]
+    served_port = int(arguments[arguments.index("--port") + 1])
+    service_ports = find_one("Service", API_NAME)["spec"]["ports"]
+    assert [resolve_container_port(port["targetPort"], container) for port in service_ports] == [served_port]
+    assert [int(port) for port in dockerfile_values("producer.Dockerfile", "EXPOSE")] == [served_port]
+
+
+def test_api_gets_worker_config_and_secrets():
+    container = api_container()
+    secret_name = find_one("Secret")["metadata"]["name"]
+    assert container["envFrom"] == worker_container()["envFrom"]
+    for entry in container["env"]:
+        assert entry["valueFrom"]["secretKeyRef"]["name"] == secret_name
+        assert entry["valueFrom"]["secretKeyRef"]["key"] in secret_data()
+    # The API sends to the workers' Redis and reads the workers' buckets, with the same credentials.
+    worker_env = {entry["name"]: entry for entry in worker_container()["env"]}
+    api_env = {entry["name"]: entry for entry in container["env"]}
+    assert {name: api_env.get(name) for name in worker_env} == worker_env
+
+
+def test_api_keys_come_from_secret():
+    api_env = {entry["name"]: entry for entry in api_container()["env"]}
+    assert api_env["CLIPFLEET_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "CLIPFLEET_API_KEYS"
+    assert "CLIPFLEET_API_KEYS" not in config_data()
+
+
+def test_api_settings_parse(monkeypatch):
+    settings = settings_from_config(monkeypatch, with_secret=True)
+    assert settings.api_keys == [secret_data()["CLIPFLEET_API_KEYS"]]
+    assert settings.api_timeout_s == float(config_data()["CLIPFLEET_API_TIMEOUT_S"])
+
+
+def test_api_requests_no_gpu():
+    spec = pod_spec(api_deployment())
+    resources = api_container()["resources"]
+    assert "nvidia.com/gpu" not in {**resources.get("requests", {}), **resources.get("limits", {})}
+    assert "tolerations" not in spec
+    assert "affinity" not in spec
+
+
+def test_api_requests_cpu_and_memory():
+    # The HPA's CPU utilization is measured against the CPU request, so without one it cannot scale.
+    requests = api_container()["resources"]["requests"]
+    assert set(requests) == {"cpu", "memory"}
+
+
+def test_api_security_matches_worker():
+    assert pod_spec(api_deployment())["securityContext"] == pod_spec(worker_deployment())["securityContext"]
+    assert api_container()["securityContext"] == worker_container()["securityContext"]
+    assert pod_spec(api_deployment())["securityContext"]["runAsUser"] == int(dockerfile_value("producer.Dockerfile", "USER"))
+
+
+def test_api_grace_period_above_request_timeout():
+    # A stopping pod sleeps in its preStop hook, then lets each running request wait up to CLIPFLEET_API_TIMEOUT_S.
+    pre_stop = api_container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    request_timeout_s = float(config_data()["CLIPFLEET_API_TIMEOUT_S"])
+    termination_grace_s = pod_spec(api_deployment())["terminationGracePeriodSeconds"]
+    assert termination_grace_s - float(pre_stop[1]) - request_timeout_s >= 5
+
+
+def test_api_hpa_scales_api_deployment_on_cpu():
+    spec = find_one("HorizontalPodAutoscaler", API_NAME)["spec"]
+    target = spec["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", API_NAME)
+    assert [metric["resource"]["name"] for metric in spec["metrics"]] == ["cpu"]
+    assert spec["metrics"][0]["resource"]["target"]["type"] == "Utilization"
+
+
+def test_api_keeps_two_replicas():
+    spec = find_one("HorizontalPodAutoscaler", API_NAME)["spec"]
+    assert spec["minReplicas"] >= 2
+    assert spec["maxReplicas"] >= spec["minReplicas"]
+    # With a replica count in the Deployment, every `kubectl apply` would reset what the HPA chose.
+    assert "replicas" not in api_deployment()["spec"]
+    assert find_one("PodDisruptionBudget", API_NAME)["spec"]["maxUnavailable"] < spec["minReplicas"]
+
+
+def test_scaler_has_batch_and_realtime_triggers():
+    assert len(redis_triggers()) == len(find_one("ScaledObject")["spec"]["triggers"]) == 2
+    assert realtime_trigger()["authenticationRef"] == redis_trigger()["authenticationRef"]
+    assert realtime_trigger()["metadata"]["databaseIndex"] == redis_trigger()["metadata"]["databaseIndex"]
+
+
+def test_realtime_trigger_list_is_realtime_queue(monkeypatch):
+    settings = settings_from_config(monkeypatch)
+    list_name = realtime_trigger()["metadata"]["listName"]
+    assert list_name == config_data().get("CLIPFLEET_REALTIME_QUEUE", DEFAULT_REALTIME_QUEUE)
+    assert list_name == settings.realtime_queue
+    assert list_name == Settings.model_fields["realtime_queue"].default
+    assert list_name != redis_trigger()["metadata"]["listName"]
+
+
+def test_realtime_trigger_wakes_on_first_request():
+    assert int(realtime_trigger()["metadata"]["activationListLength"]) == 0
+
+
+def test_realtime_trigger_reaches_max_before_api_refuses(monkeypatch):
+    # Past CLIPFLEET_API_QUEUE_HIGH_WATER queued tasks the API responds with 429 and queues nothing more, so the
+    # trigger must ask for every replica before the list gets that long.
+    settings = settings_from_config(monkeypatch)
+    queued_for_max = find_one("ScaledObject")["spec"]["maxReplicaCount"] * int(realtime_trigger()["metadata"]["listLength"])
+    assert queued_for_max < settings.api_queue_high_water
+
+
+def readme_ingress_example() -> dict[str, Any]:
+    """Return the Ingress of the YAML block under "TLS and the ingress" in ops/README.md."""
+    markdown = (OPS_DIR / "README.md").read_text(encoding="utf-8")
+    section = markdown[markdown.index("### TLS and the ingress"):]
+    block = re.search(r"```yaml\n(.*?)```", section, flags=re.DOTALL)
+    assert block is not None, "no YAML block under 'TLS and the ingress' in ops/README.md"
+    return yaml.safe_load(block.group(1))
+
+
+def test_readme_ingress_example_valid():
+    kubernetes_validate.validate(readme_ingress_example(), KUBERNETES_VERSION, strict=True)
+
+
+def test_readme_ingress_routes_to_api_service():
+    ingress = readme_ingress_example()
+    service = find_one("Service", API_NAME)
+    backends = [path["backend"]["service"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert ingress["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert backends == [{"name": API_NAME, "port": {"name": service["spec"]["ports"][0]["name"]}}]
+
+
+def test_readme_ingress_fits_api_limits(monkeypatch):
+    # ingress-nginx rejects larger bodies with 413 and ends a slower reply with 504 before the API does.
+    settings = settings_from_config(monkeypatch)
+    annotations = readme_ingress_example()["metadata"]["annotations"]
+    body_size = annotations["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert body_size.endswith("m")
+    assert int(body_size[:-1]) * 1024 * 1024 >= max(settings.api_max_request_bytes, settings.api_max_file_bytes)
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > settings.api_timeout_s
+
+
+@pytest.mark.parametrize("min_replicas", [0, 1], ids=["batch-only", "serving-api"])
+def test_scaler_valid_with_either_minimum(min_replicas):
+    # ops/README.md asks operators who deploy the API to set minReplicaCount to 1.
+    scaled_object = copy.deepcopy(find_one("ScaledObject"))
+    scaled_object["spec"]["minReplicaCount"] = min_replicas
+    assert keda_validator("ScaledObject").is_valid(scaled_object)
+    assert min_replicas <= scaled_object["spec"]["maxReplicaCount"]
 
 
 # Dockerfiles
@@ -505,6 +733,12 @@ def producer_imports() -> set[str]:
                 modules.add(node.module.partition(".")[0])
     # Only `clipfleet worker` imports workers, and the producer image does not support that command.
     return modules - set(sys.stdlib_module_names) - {"__future__", "producer", "workers"}
+
+
+def test_producer_image_installs_api_server():
+    # FastAPI imports python-multipart only when a route reads a form, such as the upload of POST /v1/files.
+    names = {canonicalize_name(requirement.name) for requirement in producer_requirements()}
+    assert {"fastapi", "uvicorn", "python-multipart"} <= names
 
 
 def test_producer_image_installs_producer_imports():
