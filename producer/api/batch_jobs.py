@@ -24,37 +24,29 @@ import secrets
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ValidationError
 
 from producer.api import embeddings as realtime
+from producer.api.batch_outcome import Outcome
+from producer.api.batch_plan import Group, Plan, PlanBuilder, Planned, batch_folder
 from producer.api.batches import (
     MAX_LISTED_ERRORS,
-    BatchRequest,
-    ClassificationBody,
     batch_key,
     load_fields,
     parse_input,
     save_object,
 )
 from producer.api.errors import ApiError
-from producer.api.files import files_folder, read_bytes, store_stream
+from producer.api.files import read_bytes, store_stream
 from producer.api.schemas import EmbeddingsRequest
 from producer.api.state import ApiState
 from producer.client import Job, ProducerBusy, make_spec
 from producer.constants import API_BATCH_LEASE_KEY, API_BATCHES_ACTIVE_KEY, FINAL_STATES
-from producer.embeddings import decode_embeddings, embeddings_location
 from producer.errors import InvalidJobSpec
-from producer.fleet import live_workers, short_model_name
-from producer.realtime import RealtimeInput
-from producer.results import iter_results, job_output, list_shards
 from producer.state import PRODUCER_LOST
 from producer.storage import join_location
 
@@ -64,14 +56,6 @@ POLL_S = 0.5
 WORK_THREADS = 4
 # Realtime requests of one batch's texts in flight at once; each carries the texts of one batch request.
 TEXT_THREADS = 8
-# The placeholder label of embedding jobs, whose scores are not used.
-IMAGE_LABEL = "image"
-# File extensions of images sent as data URIs, by media type; others are stored as `.bin` and decoded by content.
-DATA_URI_EXTENSIONS = {
-    "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/png": ".png", "image/webp": ".webp", "image/gif": ".gif",
-    "image/bmp": ".bmp", "image/tiff": ".tif",
-}
-CLASSIFICATIONS = "/v1/classifications"
 
 # KEYS: lease key. ARGV: token, TTL in ms. Takes the lease when it is free, or refreshes it when it is ours.
 _ACQUIRE = """
@@ -90,37 +74,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-@dataclass
-class Planned:
-    """One request of a batch with what it needs: its group's images (`uris`, None for a text input) and texts."""
-
-    request: BatchRequest
-    body: BaseModel | None = None
-    error: ApiError | None = None  # the body was rejected before anything ran
-    group: str | None = None
-    uris: list[str | None] = field(default_factory=list)
-    texts: list[RealtimeInput] = field(default_factory=list)
-
-
-@dataclass
-class Group:
-    """The requests that run as one job: `options` are `make_spec` keywords, `uris` the job's images in order."""
-
-    name: str
-    options: dict[str, Any]
-    uris: dict[str, None] = field(default_factory=dict)  # an ordered set
-
-
-@dataclass
-class Plan:
-    requests: list[Planned]
-    groups: dict[str, Group]
-
-    @property
-    def has_texts(self) -> bool:
-        return any(planned.texts and planned.error is None for planned in self.requests)
 
 
 class BatchDriver:
@@ -419,267 +372,3 @@ class BatchDriver:
                 return None
             spool.seek(0)
             return store_stream(self.state, spool, size_bytes, f"{batch_id}_{kind}.jsonl")["id"]
-
-
-def batch_folder(state: ApiState, batch_id: str) -> str:
-    """Return the folder of a batch's manifests, stored images, texts and job results."""
-    return join_location(files_folder(state), "batches", batch_id)
-
-
-class PlanBuilder:
-    """Builds a batch's Plan: checks each request's body, stores its data URI images, and groups the requests."""
-
-    def __init__(self, state: ApiState, batch: dict[str, Any]) -> None:
-        self.state = state
-        self.batch = batch
-        self.models: dict[str, str | None] = {}
-        self.groups: dict[str, Group] = {}  # by the canonical JSON of the group's options
-
-    def build(self) -> Plan:
-        content = read_bytes(self.state, self.batch["input_file_id"])
-        requests, _ = parse_input(content, self.batch["endpoint"])
-        plan_one = self._classification if self.batch["endpoint"] == CLASSIFICATIONS else self._embedding
-        planned = [self._checked(plan_one, request) for request in requests]
-        return Plan(planned, {group.name: group for group in self.groups.values()})
-
-    @staticmethod
-    def _checked(plan_one: Any, request: BatchRequest) -> Planned:
-        try:
-            return plan_one(request)
-        except ApiError as e:
-            return Planned(request, error=e)
-        except ValidationError as e:
-            return Planned(request, error=body_error(e))
-
-    def _classification(self, request: BatchRequest) -> Planned:
-        body = ClassificationBody.model_validate(request.body)
-        model = self._model(body.model)
-        uri = self._image(request, 0, body.input)
-        options = body.model_dump(exclude={"input"}) | {"model": model}
-        group = self._group("c", options)
-        group.uris[uri] = None
-        return Planned(request, body, group=group.name, uris=[uri])
-
-    def _embedding(self, request: BatchRequest) -> Planned:
-        body = EmbeddingsRequest.model_validate(request.body)
-        inputs = realtime.parse_inputs(body.input, self.state.settings)
-        values = [body.input] if isinstance(body.input, str) else body.input
-        uris = [self._image(request, index, value) if item.kind == "image" else None for index, (item, value) in enumerate(zip(inputs, values))]
-        planned = Planned(request, body, uris=uris, texts=[item for item in inputs if item.kind == "text"])
-        images = [uri for uri in uris if uri is not None]
-        if images:
-            options = {"model": self._model(body.model), "labels": [IMAGE_LABEL], "top_k": 1, "store_embeddings": True, "embeddings_dtype": "float32"}
-            group = self._group("e", options)
-            group.uris.update(dict.fromkeys(images))
-            planned.group = group.name
-        return planned
-
-    def _group(self, prefix: str, options: dict[str, Any]) -> Group:
-        key = json.dumps(options, sort_keys=True)
-        if key not in self.groups:
-            self.groups[key] = Group(f"{prefix}{len(self.groups):04d}", options)
-        return self.groups[key]
-
-    def _model(self, model: str) -> str:
-        """Return the CLIPFLEET_MODEL value that `model` names: a live worker's, or this server's own setting.
-
-        Raises ApiError 404 when neither matches, by the exact value or its last path component.
-        """
-        if model not in self.models:
-            known = [worker.model for worker in live_workers(self.state.client.store.redis)] + [self.state.settings.model]
-            self.models[model] = next((value for value in known if model in (value, short_model_name(value))), None)
-        resolved = self.models[model]
-        if resolved is None:
-            raise ApiError(404, f"model {model!r} is not served by any live worker; list the models with GET /v1/models", code="model_not_found", param="model")
-        return resolved
-
-    def _image(self, request: BatchRequest, index: int, value: str) -> str:
-        """Return the location the job reads input `index` from: its s3:// URI, or where its data URI image is stored."""
-        item = realtime.parse_input(value, index, self.state.settings)
-        if item.kind != "image":
-            raise ApiError(400, f"input {value[:60]!r} is not an image: use an s3:// URI or a data:image/ URI", code="invalid_input", param="input")
-        if item.uri is not None:
-            return item.uri
-        media_type = value[len("data:"):].split(";", 1)[0].lower()
-        name = f"{request.line:06d}-{index:04d}{DATA_URI_EXTENSIONS.get(media_type, '.bin')}"
-        location = join_location(batch_folder(self.state, self.batch["id"]), "images", name)
-        self.state.storage.put_bytes(location, base64.b64decode(item.data or ""), media_type)
-        return location
-
-
-def body_error(error: ValidationError) -> ApiError:
-    """Return the 400 of a request body that fails validation, naming the first invalid field."""
-    first = error.errors()[0]
-    param = ".".join(str(part) for part in first.get("loc", ())) or None
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    return ApiError(400, f"{param}: {message}" if param else message, code="invalid_request", param=param)
-
-
-@dataclass
-class Outcome:
-    """What a batch's requests got: the job rows and stored embeddings by group and URI, and the texts' replies."""
-
-    plan: Plan
-    status: str
-    rows: dict[str, dict[str, dict[str, Any]]]
-    vectors: dict[str, dict[str, np.ndarray]]
-    texts: dict[str, Any]
-    group_errors: dict[str, str]
-    image_tokens: dict[str, int]
-    completed: int = 0
-    failed: int = 0
-
-    @classmethod
-    def collect(cls, state: ApiState, plan: Plan, fields: dict[str, str], status: str) -> Outcome:
-        rows: dict[str, dict[str, dict[str, Any]]] = {}
-        vectors: dict[str, dict[str, np.ndarray]] = {}
-        tokens: dict[str, int] = {}
-        for name, group in plan.groups.items():
-            job_id = fields.get(f"job:{name}")
-            if job_id is None:
-                continue
-            spec = state.client.store.spec(job_id)
-            rows[name] = {row["uri"]: row for row in iter_results(state.storage, spec, job_id)}
-            if spec.store_embeddings:
-                vectors[name] = read_vectors(state, job_output(spec, job_id))
-                tokens[name] = image_tokens(spec.model)
-        texts: dict[str, Any] = {}
-        if fields.get("texts_done"):
-            texts = json.loads(state.storage.get_bytes(join_location(batch_folder(state, plan_batch_id(fields)), "texts.json")))
-        group_errors = {name[len("group_error:"):]: value for name, value in fields.items() if name.startswith("group_error:")}
-        return cls(plan, status, rows, vectors, texts, group_errors, tokens)
-
-    def counts(self) -> dict[str, int]:
-        return {"total": len(self.plan.requests), "completed": self.completed, "failed": self.failed}
-
-    def output_lines(self) -> Iterator[dict[str, Any]]:
-        """Yield the lines of the output file, counting the completed requests."""
-        for planned in self.plan.requests:
-            result = self._result(planned)
-            if isinstance(result, dict):
-                self.completed += 1
-                yield response_line(planned.request.custom_id, 200, result)
-
-    def error_lines(self) -> Iterator[dict[str, Any]]:
-        """Yield the lines of the error file, counting the failed requests. Call after `output_lines`."""
-        for planned in self.plan.requests:
-            result = self._result(planned)
-            if isinstance(result, ApiError):
-                self.failed += 1
-                yield response_line(planned.request.custom_id, result.status, result.body())
-            elif result is None:
-                self.failed += 1
-                yield unfinished_line(planned.request.custom_id, self.status)
-
-    def _result(self, planned: Planned) -> dict[str, Any] | ApiError | None:
-        """Return a request's response body, its error, or None when it did not finish."""
-        if planned.error is not None:
-            return planned.error
-        if planned.group is not None and planned.group in self.group_errors:
-            return ApiError(400, self.group_errors[planned.group], code="invalid_request")
-        if isinstance(planned.body, ClassificationBody):
-            return self._classification(planned)
-        return self._embedding(planned)
-
-    def _classification(self, planned: Planned) -> dict[str, Any] | ApiError | None:
-        row = self.rows.get(planned.group or "", {}).get(planned.uris[0] or "")
-        if row is None:
-            return None
-        if row.get("error"):
-            return image_error(row, 0)
-        return row
-
-    def _embedding(self, planned: Planned) -> dict[str, Any] | ApiError | None:
-        assert isinstance(planned.body, EmbeddingsRequest)
-        text_result = self.texts.get(planned.request.custom_id)
-        if planned.texts and text_result is None:
-            return None
-        if text_result is not None and "error" in text_result:
-            error = text_result["error"]
-            return ApiError(error["status"], error["message"], code=error["code"], param=error["param"])
-        text_vectors = _decode_texts(text_result, len(planned.texts))
-        rows: list[np.ndarray] = []
-        tokens: list[int] = []
-        for index, uri in enumerate(planned.uris):
-            if uri is None:
-                rows.append(text_vectors[0].pop(0))
-                tokens.append(text_vectors[1].pop(0))
-                continue
-            vector = self.vectors.get(planned.group or "", {}).get(uri)
-            if vector is None:
-                row = self.rows.get(planned.group or "", {}).get(uri)
-                return None if row is None or not row.get("error") else image_error(row, index)
-            rows.append(vector)
-            tokens.append(self.image_tokens.get(planned.group or "", 0))
-        matrix = np.stack(rows).astype(np.float32)  # [inputs, dim]
-        try:
-            realtime.check_dimensions(planned.body.dimensions, matrix.shape[1], planned.body.model)
-        except ApiError as e:
-            return e
-        return realtime.embeddings_body(matrix, tokens, planned.body.model, planned.body.encoding_format)
-
-
-def plan_batch_id(fields: dict[str, str]) -> str:
-    return json.loads(fields["object"])["id"]
-
-
-def _decode_texts(result: dict[str, Any] | None, rows: int) -> tuple[list[np.ndarray], list[int]]:
-    if result is None or rows == 0:
-        return [], []
-    raw = base64.b64decode(result["vectors"])
-    matrix = np.frombuffer(raw, dtype="<f4").reshape(rows, result["dim"])
-    return list(matrix), list(result["tokens"])
-
-
-def read_vectors(state: ApiState, folder: str) -> dict[str, np.ndarray]:
-    """Return the stored float32 embedding of each image of a job's result folder, by URI."""
-    vectors: dict[str, np.ndarray] = {}
-    for batch, _ in list_shards(state.storage, folder):
-        location = embeddings_location(folder, batch)
-        if state.storage.exists(location):
-            vectors.update(decode_embeddings(state.storage.get_bytes(location)).by_uri())
-    return vectors
-
-
-def image_tokens(model: str) -> int:
-    """Return the tokens an image counts for in `usage`: its patches plus one, from the model's config.json.
-
-    Returns 0 when the config is neither in the model's folder nor in the local Hugging Face cache.
-    """
-    config_path = Path(model) / "config.json"
-    if not config_path.is_file():
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(model, "config.json")
-        if not isinstance(cached, str):
-            return 0
-        config_path = Path(cached)
-    vision = json.loads(config_path.read_text()).get("vision_config", {})
-    size, patch = vision.get("image_size", 224), vision.get("patch_size", 32)
-    return (size // patch) ** 2 + 1
-
-
-def image_error(row: dict[str, Any], index: int) -> ApiError:
-    """Return the 400 of a request whose image input `index` has an error row."""
-    error = row["error"]
-    return ApiError(400, f"input[{index}] {row['uri']}: {error['message']}", code=error["code"], param="input")
-
-
-def response_line(custom_id: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
-    """Return a line of an output or error file for a request that got an HTTP response."""
-    return {
-        "id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
-        "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": body}, "error": None,
-    }
-
-
-def unfinished_line(custom_id: str, status: str) -> dict[str, Any]:
-    """Return the error file line of a request without a result: the batch was cancelled or expired before it ran."""
-    if status == "expired":
-        error = {"code": "batch_expired", "message": "the request could not run before the batch's completion window ended"}
-    elif status == "cancelled":
-        error = {"code": "batch_cancelled", "message": "the batch was cancelled before this request finished"}
-    else:
-        # The request's job ended without a row for its image, for example because it was cancelled on its own.
-        error = {"code": "result_missing", "message": "the request's job ended without a result for it; run it again"}
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None, "error": error}
