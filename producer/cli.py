@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue", default=None,
         help="batch queue to consume (default: CLIPFLEET_QUEUE); CLIPFLEET_REALTIME_QUEUE, unless empty, is read before it",
     )
+    worker.add_argument(
+        "--realtime-only", action="store_true",
+        help="read only the realtime queue (CLIPFLEET_REALTIME_QUEUE) and no batch queue; same as CLIPFLEET_REALTIME_ONLY=true",
+    )
     worker.set_defaults(handler=cmd_worker)
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API (models, embeddings, files, batches) in front of the workers")
@@ -604,6 +608,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.queue:
         # Before workers.app reads its settings, so its queues and its registry entry name this queue too.
         os.environ["CLIPFLEET_QUEUE"] = args.queue
+    if args.realtime_only:
+        os.environ["CLIPFLEET_REALTIME_ONLY"] = "true"
     from workers.app import consumed_queues, settings
 
     # The realtime queue comes first, so the worker takes realtime requests before batches (see workers.app).

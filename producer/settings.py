@@ -6,7 +6,7 @@ import json
 from typing import Annotated, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from producer.constants import (
@@ -142,6 +142,9 @@ class Settings(BaseSettings):
         description="Queue of realtime embedding requests from the HTTP API. Workers read it before CLIPFLEET_QUEUE; "
         "an empty value makes a worker serve batch jobs only. Give each model of a mixed fleet its own realtime queue",
     )
+    realtime_only: bool = Field(
+        False, description="A worker reads the realtime queue only and no batch queue, for fleets that keep realtime latency apart from batch jobs"
+    )
     realtime_max_requests: int = Field(
         64, ge=1, le=4096, description="Realtime requests a worker takes from its queue at once and embeds together"
     )
@@ -167,6 +170,15 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
     metrics_port: int | None = None
+
+    @model_validator(mode="after")
+    def _check_realtime_only(self) -> Settings:
+        if self.realtime_only and not self.realtime_queue:
+            raise ValueError(
+                "CLIPFLEET_REALTIME_ONLY is set but CLIPFLEET_REALTIME_QUEUE is empty, so the worker would read no queue; "
+                "set CLIPFLEET_REALTIME_QUEUE or unset CLIPFLEET_REALTIME_ONLY"
+            )
+        return self
 
     @field_validator("redis_url")
     @classmethod

@@ -128,8 +128,10 @@ def worker_config(settings: Settings) -> dict[str, Any]:
 
 
 def consumed_queues(settings: Settings) -> list[str]:
-    """Return the queues a worker reads, first first: CLIPFLEET_REALTIME_QUEUE unless it is empty, then CLIPFLEET_QUEUE."""
-    return list(dict.fromkeys(name for name in (settings.realtime_queue, settings.queue) if name))
+    """Return the queues a worker reads, first first: CLIPFLEET_REALTIME_QUEUE unless it is empty, then CLIPFLEET_QUEUE
+    unless CLIPFLEET_REALTIME_ONLY is set."""
+    names = [settings.realtime_queue] if settings.realtime_only else [settings.realtime_queue, settings.queue]
+    return list(dict.fromkeys(name for name in names if name))
 
 
 def task_queues(settings: Settings) -> list[Queue]:

@@ -92,7 +92,7 @@ class Heartbeat:
             name=self.name,
             model=self.settings.model,
             revision=self.settings.model_revision or "",
-            queue=self.settings.queue,
+            queue="" if self.settings.realtime_only else self.settings.queue,
             realtime_queue=self.settings.realtime_queue,
             started_at=self.started_at,
             heartbeat_at=time.time(),

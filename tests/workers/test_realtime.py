@@ -421,6 +421,25 @@ def test_realtime_queue_consumed_first() -> None:
     assert consumed_queues(Settings(realtime_queue="same", queue="same")) == ["same"]
 
 
+def test_realtime_only_skips_batch_queue() -> None:
+    assert consumed_queues(Settings(realtime_queue="rt", queue="batch", realtime_only=True)) == ["rt"]
+
+
+def test_realtime_only_needs_realtime_queue() -> None:
+    with pytest.raises(ValueError, match="CLIPFLEET_REALTIME_QUEUE is empty"):
+        Settings(realtime_queue="", realtime_only=True)
+
+
+def test_realtime_only_worker_announces_no_batch_queue(redis_url: str, redis_client: redis.Redis) -> None:
+    settings = Settings(redis_url=redis_url, model="tiny-model", realtime_queue="rt", queue="batch", realtime_only=True)
+    heartbeat = Heartbeat(redis_client, WORKER, settings, lambda: True)
+
+    heartbeat.beat()
+    workers = live_workers(redis_client)
+    assert (workers[0].queue, workers[0].realtime_queue) == ("", "rt")
+    heartbeat.stop()
+
+
 def test_worker_polls_queues_in_order() -> None:
     options = worker_config(Settings())["broker_transport_options"]
     assert options["queue_order_strategy"] == "priority"
