@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (models, embeddings, files, batches):
         app.include_router(module.router)
 
+    add_batch_schemas(app)
+
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -61,6 +63,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def add_batch_schemas(app: FastAPI) -> None:
+    """Describe the bodies of batch input lines in /openapi.json, which no route takes directly.
+
+    Adds the components BatchRequestLine, ClassificationRequest (a /v1/classifications body) and
+    ClassificationResult (its response body, a clipfleet result row).
+    """
+    from pydantic.json_schema import models_json_schema
+
+    from producer.api.batches import ClassificationBody
+    from producer.api.schemas import BatchRequestLine, ClassificationResult
+
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build_openapi()
+        models = [(BatchRequestLine, "validation"), (ClassificationBody, "validation"), (ClassificationResult, "serialization")]
+        _, definitions = models_json_schema(models, ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in definitions["$defs"].items():
+            components.setdefault("ClassificationRequest" if name == "ClassificationBody" else name, definition)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _check_api_key(keys: list[str]) -> Callable[[Request, Handler], Awaitable[Response]]:

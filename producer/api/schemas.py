@@ -98,3 +98,32 @@ ERROR_DESCRIPTIONS = {
     503: "No live worker serves the model, or Redis is unreachable",
     504: "No worker replied within CLIPFLEET_API_TIMEOUT_S",
 }
+
+
+class TopKEntry(BaseModel):
+    label: str
+    score: float
+
+
+class RowError(BaseModel):
+    code: str  # one of the image error codes of the README's Results section
+    message: str
+
+
+class ClassificationResult(BaseModel):
+    """The response body of a /v1/classifications batch request: the image's clipfleet result row."""
+
+    uri: str
+    label: str | None  # the best label, or null for a failed image or when no label reaches `threshold`
+    score: float | None
+    top_k: list[TopKEntry]
+    error: RowError | None
+
+
+class BatchRequestLine(BaseModel):
+    """One line of a batch input file, in OpenAI's format."""
+
+    custom_id: str = Field(min_length=1, description="Unique in the file; the output and error lines carry it")
+    method: Literal["POST"]
+    url: Literal["/v1/embeddings", "/v1/classifications"] = Field(description="The batch's endpoint")
+    body: dict[str, Any] = Field(description="An EmbeddingsRequest or a ClassificationRequest")

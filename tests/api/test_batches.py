@@ -22,6 +22,7 @@ import pytest
 import redis
 from openai import OpenAI
 
+from producer.api.schemas import ClassificationResult
 from producer.client import Client
 from producer.constants import API_BATCH_KEY, FINAL_STATES
 from tests.support.api_server import ApiServer, start_api_server, wait_for_model
@@ -176,6 +177,7 @@ def test_classifications_match_direct_job(api: OpenAI, client: Client, tiny_clip
         assert output[custom_id]["response"]["status_code"] == 200
         assert body["uri"] == f"s3://{BUCKET}/in/{photo}"
         assert_rows_match(body, expected[f"s3://{BUCKET}/in/{photo}"])
+        ClassificationResult.model_validate(body)  # the shape /openapi.json documents
     assert_rows_match(output["c-inline"]["response"]["body"], expected[f"s3://{BUCKET}/in/c.jpg"])
     assert_rows_match(output["a-prompts"]["response"]["body"], expected_prompts[f"s3://{BUCKET}/in/a.jpg"])
     assert errors["corrupt"]["response"]["status_code"] == 400

@@ -490,6 +490,27 @@ def test_openapi_lists_every_route(client: openai.OpenAI, server: ApiServer, red
     assert "Token arrays" in description
 
 
+def test_openapi_describes_batch_lines(server: ApiServer) -> None:
+    components = httpx.get(server.url + "/openapi.json", timeout=10).json()["components"]["schemas"]
+
+    assert {"BatchRequestLine", "ClassificationRequest", "ClassificationResult", "TopKEntry", "RowError"} <= set(components)
+    assert {"model", "input", "labels", "templates", "top_k"} <= set(components["ClassificationRequest"]["properties"])
+    assert components["ClassificationResult"]["required"] == ["uri", "label", "score", "top_k", "error"]
+
+
+def test_api_server_loads_no_model_code() -> None:
+    # The server process must stay light: no torch or transformers behind the app or the serve command.
+    code = (
+        "import sys; from producer.api.app import create_app; from producer.settings import Settings; "
+        "create_app(Settings(redis_url='redis://127.0.0.1:1/0')); import producer.cli; "
+        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_serve_without_redis_url_exits_2(tmp_path: Path) -> None:
     env = {name: value for name, value in os.environ.items() if name != "CLIPFLEET_REDIS_URL"}
     result = subprocess.run(
