@@ -38,6 +38,21 @@ return 0
 """
 
 
+def acquire_key(client: redis.Redis, key: str, token: str, ttl_ms: int) -> bool:
+    """Set lease `key` to `token` with a TTL when it is free or already holds `token`. Returns whether `token` holds it."""
+    return bool(client.eval(_ACQUIRE, 1, key, token, ttl_ms))
+
+
+def refresh_key(client: redis.Redis, key: str, token: str, ttl_ms: int) -> bool:
+    """Renew the TTL of lease `key` while it holds `token`. Returns False when the lease expired or another took it."""
+    return bool(client.eval(_REFRESH, 1, key, token, ttl_ms))
+
+
+def release_key(client: redis.Redis, key: str, token: str) -> None:
+    """Delete lease `key` if it holds `token`. Idempotent."""
+    client.eval(_RELEASE, 1, key, token)
+
+
 class ProducerLease:
     """A claim on enqueueing one job. `acquire` once, then `start_refreshing`; `release` when done.
 
@@ -56,7 +71,7 @@ class ProducerLease:
 
     def acquire(self) -> bool:
         """Take the lease when it is free or already has this token. Returns False when another producer has it."""
-        return bool(self.redis.eval(_ACQUIRE, 1, self.key, self.token, self._ttl_ms))
+        return acquire_key(self.redis, self.key, self.token, self._ttl_ms)
 
     def remaining_s(self) -> float | None:
         """Return the seconds before the current holder's lease expires, or None when no producer has it."""
@@ -74,7 +89,7 @@ class ProducerLease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            self.redis.eval(_RELEASE, 1, self.key, self.token)
+            release_key(self.redis, self.key, self.token)
         except redis.exceptions.RedisError as e:
             logger.warning("Job %s: releasing the producer lease failed (%s); it expires in %g s", self.job_id, e, self.ttl_s)
 
@@ -85,7 +100,7 @@ class ProducerLease:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                held = bool(self.redis.eval(_REFRESH, 1, self.key, self.token, self._ttl_ms))
+                held = refresh_key(self.redis, self.key, self.token, self._ttl_ms)
             except redis.exceptions.RedisError as e:
                 logger.warning("Job %s: refreshing the producer lease failed (%s); retrying", self.job_id, e)
                 continue

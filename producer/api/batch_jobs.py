@@ -47,6 +47,7 @@ from producer.api.state import ApiState
 from producer.client import Job, ProducerBusy, make_spec
 from producer.constants import API_BATCH_LEASE_KEY, API_BATCHES_ACTIVE_KEY, FINAL_STATES
 from producer.errors import InvalidJobSpec
+from producer.lease import acquire_key, refresh_key, release_key
 from producer.state import PRODUCER_LOST
 from producer.storage import join_location
 
@@ -56,25 +57,6 @@ POLL_S = 0.5
 WORK_THREADS = 4
 # Realtime requests of one batch's texts in flight at once; each carries the texts of one batch request.
 TEXT_THREADS = 8
-
-# KEYS: lease key. ARGV: token, TTL in ms. Takes the lease when it is free, or refreshes it when it is ours.
-_ACQUIRE = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-# KEYS: lease key. ARGV: token, TTL in ms. Returns 1 when refreshed, 0 when the lease is gone or another's.
-_REFRESH = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 class BatchDriver:
     """Advances every active batch, one step per pass, from a daemon thread. `start` once, `stop` once.
@@ -147,7 +129,7 @@ class BatchDriver:
             for batch_id in held:
                 key = API_BATCH_LEASE_KEY.format(batch_id=batch_id)
                 try:
-                    if not self.redis.eval(_REFRESH, 1, key, self.token, self.lease_ms):
+                    if not refresh_key(self.redis, key, self.token, self.lease_ms):
                         logger.info("Batch %s: lease released or taken by another server", batch_id)
                 except Exception:
                     logger.exception("Batch %s: refreshing the lease failed; retrying", batch_id)
@@ -155,7 +137,7 @@ class BatchDriver:
     def _acquire(self, batch_id: str) -> bool:
         """Take the batch's lease, or refresh it when this driver holds it already. Returns False when another holds it."""
         key = API_BATCH_LEASE_KEY.format(batch_id=batch_id)
-        held = bool(self.redis.eval(_ACQUIRE, 1, key, self.token, self.lease_ms))
+        held = acquire_key(self.redis, key, self.token, self.lease_ms)
         with self._held_lock:
             if held:
                 self._held.add(batch_id)
@@ -164,7 +146,7 @@ class BatchDriver:
         return held
 
     def _release(self, batch_id: str) -> None:
-        self.redis.eval(_RELEASE, 1, API_BATCH_LEASE_KEY.format(batch_id=batch_id), self.token)
+        release_key(self.redis, API_BATCH_LEASE_KEY.format(batch_id=batch_id), self.token)
         with self._held_lock:
             self._held.discard(batch_id)
 
