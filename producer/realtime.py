@@ -80,7 +80,7 @@ class RealtimeRequest(BaseModel):
 
 
 class RealtimeError(BaseModel):
-    """Why a request failed. `status` is the HTTP status the API answers with."""
+    """Why a request failed. `status` is the HTTP status of the API's response."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -138,7 +138,7 @@ def decode_vectors(data: str, rows: int, dim: int) -> np.ndarray:
 def send_request(client: redis.Redis, celery: Any, queue: str, request: RealtimeRequest) -> None:
     """Store `request`, append it to `queue`'s pending list and send one TASK_EMBED task to `queue`.
 
-    The task expires at the request's deadline, so a worker does not run it once nobody waits for the answer.
+    The task expires at the request's deadline, so a worker does not run it once the sender has stopped waiting.
     """
     ttl_ms = int((max(request.deadline - time.time(), 0.0) + REQUEST_TTL_MARGIN_S) * 1000)
     with client.pipeline() as pipe:

@@ -17,7 +17,7 @@ from producer.api.errors import ApiError, error_response, install_error_handlers
 from producer.api.state import ApiState
 from producer.settings import Settings
 
-# Routes that answer without an API key: the API's own description and the liveness probe.
+# Routes served without an API key: the API's own description and the liveness probe.
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/healthz"})
 UPLOAD_PATH = "/v1/files"
 # Requests that are handled at the same time, each on its own thread; further requests wait for a free thread.
@@ -94,7 +94,7 @@ def add_batch_schemas(app: FastAPI) -> None:
 
 
 def _check_api_key(keys: list[str]) -> Callable[[Request, Handler], Awaitable[Response]]:
-    """Middleware: with CLIPFLEET_API_KEYS set, answer 401 unless `Authorization: Bearer KEY` names one of them."""
+    """Middleware: with CLIPFLEET_API_KEYS set, return 401 unless `Authorization: Bearer KEY` names one of them."""
     accepted = [key.encode() for key in keys]
 
     async def check(request: Request, call_next: Handler) -> Response:
@@ -116,7 +116,7 @@ def _check_api_key(keys: list[str]) -> Callable[[Request, Handler], Awaitable[Re
 
 
 class BodyLimit:
-    """ASGI middleware: answer 413 for a body over the route's limit (uploads have their own, see `body_limit`).
+    """ASGI middleware: return 413 for a body over the route's limit (uploads have their own, see `body_limit`).
 
     A declared Content-Length over the limit is rejected before the body is read. A body sent without one
     (chunked) is counted as it arrives, and reading stops with 413 once it passes the limit.
