@@ -4,7 +4,8 @@ from __future__ import annotations
 
 # Celery task names. Producers send tasks by name, so they never import the worker code.
 TASK_CLASSIFY_BATCH = "clipfleet.classify_batch"
-# Embeds the pending requests of a realtime queue (see producer.realtime); sent by the HTTP API.
+# Embeds the pending requests of a realtime queue (see producer.realtime). The HTTP API sends it, and so does a
+# worker that leaves requests in the queue.
 TASK_EMBED = "clipfleet.embed"
 # Message header with the Unix time at which the producer published a batch; workers report the queue wait from it.
 PUBLISHED_AT_HEADER = "clipfleet_published_at"
@@ -54,6 +55,10 @@ WORKERS_INDEX_KEY = KEY_PREFIX + "workers"
 REALTIME_PENDING_KEY = KEY_PREFIX + "realtime:{queue}:pending"
 REALTIME_REQUEST_KEY = KEY_PREFIX + "realtime:request:{request_id}"
 REALTIME_REPLY_KEY = KEY_PREFIX + "realtime:reply:{request_id}"
+# A string that exists while a TASK_EMBED task of the realtime queue is queued, so senders queue at most one task
+# at a time. The worker that runs the task deletes it before taking requests. It expires after
+# producer.realtime.WAKE_TTL_S.
+REALTIME_WAKE_KEY = KEY_PREFIX + "realtime:{queue}:wake"
 # The HTTP API's files and batches (see producer.api): a hash per object and an index sorted by creation time.
 API_FILE_KEY = KEY_PREFIX + "api:file:{file_id}"
 API_FILES_INDEX_KEY = KEY_PREFIX + "api:files"

@@ -2,16 +2,24 @@
 
 A request travels like this:
 
-1. The sender stores the request's JSON under REALTIME_REQUEST_KEY (with a TTL), appends its id to the
-   REALTIME_PENDING_KEY list of the realtime queue, and sends one TASK_EMBED task to that queue.
-2. A worker that takes a TASK_EMBED task pops up to CLIPFLEET_REALTIME_MAX_REQUESTS ids from the pending
-   list at once, so the requests of many clients go through the model together. A task that finds the list
-   empty (another worker took its request) ends at once.
+1. The sender stores the request's JSON under REALTIME_REQUEST_KEY (with a TTL) and appends its id to the
+   REALTIME_PENDING_KEY list of the realtime queue. Then it sets the queue's REALTIME_WAKE_KEY if it is absent,
+   and sends one TASK_EMBED task to the queue only when it set the key. So the queue holds at most one wake-up
+   task however many requests wait, and the length of the pending list measures the queue's load.
+2. A worker that takes a TASK_EMBED task deletes the wake key and, in the same transaction, pops up to
+   CLIPFLEET_REALTIME_MAX_REQUESTS ids from the pending list, so the requests of many clients go through the model
+   together. When ids remain in the list, it sends one more wake-up (the same way a sender does) before it runs
+   the model, so another pool process or worker takes them in parallel. A task that finds the list empty ends at
+   once.
 3. The worker pushes one RealtimeReply per request to REALTIME_REPLY_KEY, where the sender waits for it.
+
+No request is left without a wake-up: a sender that finds the wake key set pushed its id before it looked, and
+the worker that will run that key's task deletes the key before it pops, so that pop sees the id. A wake-up can
+still be lost: its task expired, or its worker was killed after taking it. The wake key then expires after
+WAKE_TTL_S, and each waiting sender re-arms the queue every WAIT_STEP_S (see `wait_reply`).
 
 A request popped by a worker that dies before it replies is lost: its sender times out.
 """
-
 from __future__ import annotations
 
 import base64
@@ -27,6 +35,7 @@ from producer.constants import (
     REALTIME_PENDING_KEY,
     REALTIME_REPLY_KEY,
     REALTIME_REQUEST_KEY,
+    REALTIME_WAKE_KEY,
     TASK_EMBED,
 )
 
@@ -39,6 +48,8 @@ REQUEST_TTL_MARGIN_S = 30.0
 REPLY_TTL_S = 60
 # The sender waits for its reply in blocking reads of at most this many seconds, below the Redis socket timeout.
 WAIT_STEP_S = 2.0
+# A wake key outlives its task by at most this long when the task is lost. Waiting senders then re-arm the queue.
+WAKE_TTL_S = 5.0
 
 
 class RealtimeInput(BaseModel):
@@ -136,26 +147,64 @@ def decode_vectors(data: str, rows: int, dim: int) -> np.ndarray:
 
 
 def send_request(client: redis.Redis, celery: Any, queue: str, request: RealtimeRequest) -> None:
-    """Store `request`, append it to `queue`'s pending list and send one TASK_EMBED task to `queue`.
+    """Store `request`, append it to `queue`'s pending list and wake the queue's workers (see `arm_wake`).
 
-    The task expires at the request's deadline, so a worker does not run it once the sender has stopped waiting.
+    Sends a TASK_EMBED task only when no wake-up is queued already. The task expires at the request's deadline,
+    so a worker does not run it once the sender has stopped waiting.
     """
     ttl_ms = int((max(request.deadline - time.time(), 0.0) + REQUEST_TTL_MARGIN_S) * 1000)
     with client.pipeline() as pipe:
         pipe.set(REALTIME_REQUEST_KEY.format(request_id=request.request_id), request.model_dump_json(), px=ttl_ms)
         pipe.rpush(REALTIME_PENDING_KEY.format(queue=queue), request.request_id)
         pipe.execute()
+    # The id is in the list before the wake key is read: the order that `take_pending` relies on.
+    arm_wake(client, celery, queue, expires_s=request.deadline - time.time())
+
+
+def arm_wake(client: redis.Redis, celery: Any, queue: str, expires_s: float) -> bool:
+    """Send one TASK_EMBED task to `queue` unless a wake-up is queued already; return whether it sent one.
+
+    The wake key (REALTIME_WAKE_KEY, WAKE_TTL_S) marks the queued wake-up. `celery` is any Celery app whose broker is
+    the workers' Redis. The task expires after `expires_s` seconds (at least 1).
+    """
+    if not client.set(REALTIME_WAKE_KEY.format(queue=queue), 1, nx=True, px=int(WAKE_TTL_S * 1000)):
+        return False
     task = EmbedTaskMessage(queue=queue).model_dump()
-    celery.send_task(TASK_EMBED, args=[task], queue=queue, expires=max(request.deadline - time.time(), 1.0))
+    celery.send_task(TASK_EMBED, args=[task], queue=queue, expires=max(expires_s, 1.0))
+    return True
 
 
-def wait_reply(client: redis.Redis, request_id: str, deadline: float) -> RealtimeReply | None:
-    """Return the reply to request `request_id`, or None when Unix time `deadline` passes first."""
+def take_pending(client: redis.Redis, queue: str, max_requests: int) -> tuple[list[str], int]:
+    """Pop up to `max_requests` request ids off `queue`'s pending list; return them and the number of ids left.
+
+    One transaction deletes the wake key, then pops. A sender pushes its id before it tries to set the wake key, so
+    a sender that found the key set has its id in the list when the worker holding that key's task pops here. The
+    caller must call `arm_wake` when ids are left, because their senders may have relied on this pop.
+    """
+    with client.pipeline() as pipe:
+        pipe.delete(REALTIME_WAKE_KEY.format(queue=queue))
+        pipe.lpop(REALTIME_PENDING_KEY.format(queue=queue), max_requests)
+        pipe.llen(REALTIME_PENDING_KEY.format(queue=queue))
+        _, ids, remaining = pipe.execute()
+    return [value.decode() if isinstance(value, bytes) else value for value in ids or []], int(remaining)
+
+
+def wait_reply(
+    client: redis.Redis, request_id: str, deadline: float, *, celery: Any = None, queue: str | None = None
+) -> RealtimeReply | None:
+    """Return the reply to request `request_id`, or None when Unix time `deadline` passes first.
+
+    With `celery` and `queue` (the request's realtime queue), each WAIT_STEP_S without a reply re-arms the queue
+    when requests wait in it and no wake-up is queued, so a lost wake-up task delays the request by at most
+    WAKE_TTL_S + WAIT_STEP_S. That costs one or two Redis commands per step.
+    """
     key = REALTIME_REPLY_KEY.format(request_id=request_id)
     while (remaining_s := deadline - time.time()) > 0:
         popped = client.blpop([key], timeout=max(0.01, min(WAIT_STEP_S, remaining_s)))
         if popped is not None:
             return RealtimeReply.model_validate_json(popped[1])
+        if celery is not None and queue is not None and client.llen(REALTIME_PENDING_KEY.format(queue=queue)):
+            arm_wake(client, celery, queue, expires_s=deadline - time.time())
     return None
 
 

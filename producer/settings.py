@@ -159,7 +159,7 @@ class Settings(BaseSettings):
     )
     api_timeout_s: float = Field(60.0, gt=0, description="Seconds an embeddings request waits for a worker before it fails with 504")
     api_queue_high_water: int = Field(
-        1000, ge=1, description="Embeddings requests fail with 429 while the realtime queue holds this many tasks or more"
+        1000, ge=1, description="Embeddings requests fail with 429 while the realtime queue holds this many waiting requests or more"
     )
     api_max_inputs: int = Field(2048, ge=1, description="Most inputs in one embeddings request")
     api_max_request_bytes: int = Field(

@@ -34,6 +34,7 @@ from producer.constants import (
     DEFAULT_MAX_TASKS,
     DEFAULT_QUEUE,
     DEFAULT_REALTIME_QUEUE,
+    REALTIME_PENDING_KEY,
 )
 from producer.queue import celery_config
 from producer.settings import Settings
@@ -504,12 +505,14 @@ def test_scaler_has_batch_and_realtime_triggers():
     assert realtime_trigger()["metadata"]["databaseIndex"] == redis_trigger()["metadata"]["databaseIndex"]
 
 
-def test_realtime_trigger_list_is_realtime_queue(monkeypatch):
+def test_realtime_trigger_list_is_pending_requests(monkeypatch):
+    # The pending list counts waiting requests; the Celery list named after the queue holds only wake-up tasks.
     settings = settings_from_config(monkeypatch)
     list_name = realtime_trigger()["metadata"]["listName"]
-    assert list_name == config_data().get("CLIPFLEET_REALTIME_QUEUE", DEFAULT_REALTIME_QUEUE)
-    assert list_name == settings.realtime_queue
-    assert list_name == Settings.model_fields["realtime_queue"].default
+    assert list_name == REALTIME_PENDING_KEY.format(queue=config_data().get("CLIPFLEET_REALTIME_QUEUE", DEFAULT_REALTIME_QUEUE))
+    assert list_name == REALTIME_PENDING_KEY.format(queue=settings.realtime_queue)
+    assert list_name == REALTIME_PENDING_KEY.format(queue=Settings.model_fields["realtime_queue"].default)
+    assert list_name != settings.realtime_queue
     assert list_name != redis_trigger()["metadata"]["listName"]
 
 
@@ -518,7 +521,7 @@ def test_realtime_trigger_wakes_on_first_request():
 
 
 def test_realtime_trigger_reaches_max_before_api_refuses(monkeypatch):
-    # Past CLIPFLEET_API_QUEUE_HIGH_WATER queued tasks the API responds with 429 and queues nothing more, so the
+    # Past CLIPFLEET_API_QUEUE_HIGH_WATER waiting requests the API responds with 429 and queues nothing more, so the
     # trigger must ask for every replica before the list gets that long.
     settings = settings_from_config(monkeypatch)
     queued_for_max = find_one("ScaledObject")["spec"]["maxReplicaCount"] * int(realtime_trigger()["metadata"]["listLength"])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,12 @@ import redis
 from celery import Celery
 
 from producer.client import Client
-from producer.constants import DEFAULT_REALTIME_QUEUE
+from producer.constants import DEFAULT_REALTIME_QUEUE, REALTIME_PENDING_KEY
 from producer.fleet import WorkerInfo, live_workers
 from producer.queue import make_celery
 from producer.realtime import (
     RealtimeInput,
+    RealtimeReply,
     RealtimeRequest,
     decode_vectors,
     send_request,
@@ -33,6 +36,9 @@ DATA = Path(__file__).resolve().parent / "data"
 PHOTOS = ("rocket.jpg", "astronaut.jpg", "chelsea.jpg", "coffee.jpg")
 REPLY_TIMEOUT_S = 60.0
 REGISTRY_WAIT_S = 10.0
+LOAD_REQUESTS = 200
+LOAD_THREADS = 16
+SAMPLE_INTERVAL_S = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +89,7 @@ def test_round_trip(stack: dict[str, Any], redis_client: redis.Redis, celery_app
     request = make_request(tiny_clip_dir, [RealtimeInput(kind="text", text="a photo of a cat"), photo_input("chelsea.jpg")])
     send_request(redis_client, celery_app, DEFAULT_REALTIME_QUEUE, request)
 
-    reply = wait_reply(redis_client, request.request_id, request.deadline)
+    reply = wait_reply(redis_client, request.request_id, request.deadline, celery=celery_app, queue=DEFAULT_REALTIME_QUEUE)
     assert reply is not None, stack["worker"].log_tail(40)
     assert reply.error is None
     assert reply.dim == PROJECTION_DIM
@@ -142,3 +148,50 @@ def test_registry_lists_worker_until_stopped(
     finally:
         worker.stop()
     assert wait_for_registry(redis_client, worker.name + "@", present=False) == []
+
+
+class ListSampler:
+    """Samples the length of a Redis list in a thread while the `with` block runs."""
+
+    def __init__(self, redis_url: str, key: str) -> None:
+        self.lengths: list[int] = []
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=5.0)
+        self._key = key
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="list-sampler", daemon=True)
+
+    def __enter__(self) -> ListSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        self._client.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL_S):
+            self.lengths.append(int(self._client.llen(self._key)))
+
+
+def test_concurrent_requests_queue_few_tasks(
+    stack: dict[str, Any], redis_client: redis.Redis, celery_app: Celery, tiny_clip_dir: Path
+) -> None:
+    """Requests from many threads share wake-up tasks: the Celery list stays short while every request is answered."""
+
+    def call(number: int) -> RealtimeReply | None:
+        request = make_request(tiny_clip_dir, [RealtimeInput(kind="text", text=f"a photo of thing {number}")])
+        send_request(redis_client, celery_app, DEFAULT_REALTIME_QUEUE, request)
+        return wait_reply(redis_client, request.request_id, request.deadline, celery=celery_app, queue=DEFAULT_REALTIME_QUEUE)
+
+    with ListSampler(stack["redis_url"], DEFAULT_REALTIME_QUEUE) as tasks:
+        with ThreadPoolExecutor(LOAD_THREADS) as pool:
+            replies = list(pool.map(call, range(LOAD_REQUESTS)))
+
+    assert all(reply is not None for reply in replies), stack["worker"].log_tail(40)
+    assert [reply.error for reply in replies if reply is not None] == [None] * LOAD_REQUESTS
+    assert len(tasks.lengths) > 10
+    # One wake-up is queued at a time; a worker that leaves requests behind queues the next one.
+    assert max(tasks.lengths) <= 2, tasks.lengths
+    assert redis_client.llen(DEFAULT_REALTIME_QUEUE) <= 2
+    assert redis_client.llen(REALTIME_PENDING_KEY.format(queue=DEFAULT_REALTIME_QUEUE)) == 0

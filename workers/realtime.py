@@ -6,6 +6,10 @@ runs the inputs of all of them through the model together. All texts go through 
 through `encode_images` in micro-batches of CLIPFLEET_MODEL_BATCH_SIZE. The embeddings are the ones batch jobs
 use: L2-normalised float32.
 
+A task that leaves requests in the pending list (more than CLIPFLEET_REALTIME_MAX_REQUESTS waited) sends one more
+wake-up before it runs the model, so another pool process or worker takes the rest in parallel (see
+`producer.realtime`).
+
 Each request gets one reply. An input that cannot be embedded fails its whole request with a RealtimeError
 naming the input, and never the other requests taken with it.
 """
@@ -20,20 +24,23 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import redis
 from pydantic import ValidationError
 
-from producer.constants import REALTIME_PENDING_KEY, REALTIME_REQUEST_KEY
+from producer.constants import REALTIME_REQUEST_KEY
 from producer.realtime import (
     EmbedTaskMessage,
     RealtimeError,
     RealtimeInput,
     RealtimeReply,
     RealtimeRequest,
+    arm_wake,
     encode_vectors,
     push_reply,
+    take_pending,
 )
 from producer.uris import is_s3_uri, shorten
 from workers.classify import encode_images, encode_prompts, max_prompt_tokens
@@ -96,14 +103,17 @@ class TakenRequests:
     missing: int = 0  # withdrawn by their sender, or expired
     expired: int = 0  # stored, but past their deadline
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (request id, why its JSON is invalid)
+    remaining: int = 0  # ids left in the pending list after the pop
 
 
-def embed_pending(runtime: WorkerRuntime, message: EmbedTaskMessage, worker: str = "") -> int:
+def embed_pending(runtime: WorkerRuntime, message: EmbedTaskMessage, worker: str = "", celery: Any = None) -> int:
     """Embed the waiting requests of realtime queue `message.queue` and push one reply per request.
 
     Returns the number of requests replied to, 0 when another worker took them first. A message for another
     queue than this worker's CLIPFLEET_REALTIME_QUEUE is dropped, because that queue's requests may be for
-    another model. `worker` names this worker in the replies. Raises redis-py's errors when Redis fails while
+    another model. `worker` names this worker in the replies. When requests are left in the queue, sends one
+    more TASK_EMBED wake-up with the Celery app `celery` before running the model; without `celery`, the waiting
+    senders re-arm the queue themselves within a few seconds. Raises redis-py's errors when Redis fails while
     the requests are taken, which loses them; their senders time out. Not thread-safe (uses the model).
     """
     settings = runtime.settings
@@ -116,6 +126,10 @@ def embed_pending(runtime: WorkerRuntime, message: EmbedTaskMessage, worker: str
     started = time.perf_counter()
     client = runtime.store.redis
     taken = take_requests(client, message.queue, settings.realtime_max_requests)
+    if taken.remaining and celery is not None:
+        # The task's expiry: the longest that an API sender waits by default.
+        sent = arm_wake(client, celery, message.queue, expires_s=settings.api_timeout_s)
+        logger.debug("Realtime queue %s: %d requests left waiting; another wake-up %s", message.queue, taken.remaining, "sent" if sent else "was queued already")
     for request_id, reason in taken.invalid:
         _push_internal_error(client, request_id, settings.model, worker, f"the stored request is invalid: {reason}")
     if not taken.requests:
@@ -133,16 +147,16 @@ def embed_pending(runtime: WorkerRuntime, message: EmbedTaskMessage, worker: str
 def take_requests(client: redis.Redis, queue: str, max_requests: int) -> TakenRequests:
     """Pop up to `max_requests` request ids off `queue`'s pending list and read and delete their requests.
 
-    The pop is one atomic LPOP, so two workers never take the same id. Requests that are missing (withdrawn
-    or expired), past their deadline, or invalid are left out and counted.
+    The pop (`producer.realtime.take_pending`) deletes the queue's wake key first and is atomic, so two workers
+    never take the same id. Requests that are missing (withdrawn or expired), past their deadline, or invalid are
+    left out and counted. The caller must wake the queue again when `remaining` is not 0.
     """
-    ids = client.lpop(REALTIME_PENDING_KEY.format(queue=queue), max_requests) or []
-    request_ids = [value.decode() if isinstance(value, bytes) else value for value in ids]
+    request_ids, remaining = take_pending(client, queue, max_requests)
     with client.pipeline(transaction=False) as pipe:
         for request_id in request_ids:
             pipe.getdel(REALTIME_REQUEST_KEY.format(request_id=request_id))
         bodies = pipe.execute()
-    taken = TakenRequests()
+    taken = TakenRequests(remaining=remaining)
     now = time.time()
     for request_id, body in zip(request_ids, bodies):
         if body is None:
@@ -216,7 +230,7 @@ def count_text_tokens(loaded: LoadedModel, pending: list[PendingRequest]) -> Non
     for (item, index, _), count in zip(texts, counts):
         item.tokens[index] = count
         if max_tokens is not None and count > max_tokens:
-            item.fail(index, "text_too_long", f"input {index} has {count} tokens, above the model's limit of {max_tokens}; shorten the text")
+            item.fail(index, "text_too_long", f"input[{index}] has {count} tokens, above the model's limit of {max_tokens}; shorten the text")
 
 
 def embed_texts(loaded: LoadedModel, pending: list[PendingRequest]) -> None:
@@ -298,10 +312,10 @@ def _pixels_or_fail(future: Future[np.ndarray | None], item: PendingRequest, ind
         return future.result()
     except (ImageError, InvalidInput) as e:
         logger.warning("Realtime request %s input %d failed: %s (%s)", item.request.request_id, index, e.code, e.message)
-        item.fail(index, e.code, f"input {index}: {e.message}")
+        item.fail(index, e.code, f"input[{index}]: {e.message}")
     except Exception as e:  # noqa: BLE001 - an image that breaks the decoder or processor in an unforeseen way
         logger.exception("Realtime request %s input %d failed with an unexpected error", item.request.request_id, index)
-        item.fail(index, "decode_error", f"input {index}: unexpected {type(e).__name__}: {e}")
+        item.fail(index, "decode_error", f"input[{index}]: unexpected {type(e).__name__}: {e}")
     return None
 
 

@@ -92,6 +92,7 @@ def embed(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
     A message of another shape is logged as an error and dropped. Nothing is retried, because the requests'
     senders wait only until their deadlines. A failure after the requests were taken sends them error replies.
+    Requests left waiting get one more task, sent with this worker's app (see `producer.realtime`).
     """
     from workers.realtime import embed_pending
     from workers.runtime import get_runtime
@@ -104,7 +105,7 @@ def embed(*args: Any, **kwargs: Any) -> dict[str, Any]:
     except ValidationError as e:
         logger.error("Dropped a malformed embed message: %s", _describe_errors(e))
         return {"status": "invalid_message"}
-    replied = embed_pending(get_runtime(), message, worker=embed.request.hostname or "")
+    replied = embed_pending(get_runtime(), message, worker=embed.request.hostname or "", celery=app)
     return {"status": "done", "replied": replied}
 
 

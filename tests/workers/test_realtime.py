@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +20,12 @@ from prometheus_client import CollectorRegistry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from producer.constants import REALTIME_PENDING_KEY, REALTIME_REQUEST_KEY
+from producer.constants import (
+    REALTIME_PENDING_KEY,
+    REALTIME_REPLY_KEY,
+    REALTIME_REQUEST_KEY,
+    REALTIME_WAKE_KEY,
+)
 from producer.fleet import live_workers
 from producer.queue import make_celery
 from producer.realtime import (
@@ -50,6 +56,8 @@ IMAGE_TOKENS = 50
 MAX_TEXT_TOKENS = 77
 TOLERANCE = 1e-5
 REPLY_WAIT_S = 5.0
+PENDING_KEY = REALTIME_PENDING_KEY.format(queue=QUEUE)
+WAKE_KEY = REALTIME_WAKE_KEY.format(queue=QUEUE)
 
 
 @pytest.fixture
@@ -131,6 +139,49 @@ def reply_of(runtime: WorkerRuntime, request: RealtimeRequest, wait_s: float = R
 
 def embed(runtime: WorkerRuntime) -> int:
     return embed_pending(runtime, EmbedTaskMessage(queue=QUEUE), worker=WORKER)
+
+
+def embed_and_wake(runtime: WorkerRuntime, celery_app: Celery) -> int:
+    """Run one TASK_EMBED task as the Celery task does: take its message off the Celery list, then embed."""
+    runtime.store.redis.delete(QUEUE)
+    return embed_pending(runtime, EmbedTaskMessage(queue=QUEUE), worker=WORKER, celery=celery_app)
+
+
+class CommandLog:
+    """The commands that Redis runs while the `with` block runs, in order, as MONITOR reports them."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.commands: list[str] = []
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=0.5)
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="redis-monitor", daemon=True)
+
+    def __enter__(self) -> CommandLog:
+        self._thread.start()
+        assert self._ready.wait(5.0), "MONITOR did not start"
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        time.sleep(0.2)  # MONITOR reports each command after it ran
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        self._client.close()
+
+    def _run(self) -> None:
+        with self._client.monitor() as monitor:
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    self.commands.append(monitor.next_command()["command"])
+                except redis.exceptions.TimeoutError:
+                    continue
+
+    def first(self, name: str, key: str) -> int:
+        """Return the position of the first command `name` on `key`."""
+        found = [index for index, command in enumerate(self.commands) if command.split(" ")[:2] == [name, key]]
+        assert found, f"no {name} {key} among {self.commands}"
+        return found[0]
 
 
 def vectors(reply: RealtimeReply, rows: int) -> np.ndarray:
@@ -236,6 +287,87 @@ def test_batch_size_bounded_by_max_requests(make_runtime: Callable[..., WorkerRu
     assert embed(runtime) == 2
     assert embed(runtime) == 1
     assert embed(runtime) == 0
+
+
+def test_request_behind_queued_wake_up_answered(runtime: WorkerRuntime, celery_app: Celery) -> None:
+    # Only the first request sends a task; the task's pop takes every request pushed before it ran.
+    requests = [make_request(runtime, [text(f"text {number}")]) for number in range(4)]
+    send(runtime, celery_app, *requests)
+    assert runtime.store.redis.llen(QUEUE) == 1
+
+    assert embed_and_wake(runtime, celery_app) == 4
+    for request in requests:
+        assert reply_of(runtime, request) is not None, request.request_id
+    assert runtime.store.redis.exists(WAKE_KEY) == 0
+    assert runtime.store.redis.llen(QUEUE) == 0
+
+
+def test_wake_key_deleted_before_pop(runtime: WorkerRuntime, celery_app: Celery, redis_url: str) -> None:
+    send(runtime, celery_app, make_request(runtime, [text("a cat")]))
+
+    with CommandLog(redis_url) as log:
+        assert embed_and_wake(runtime, celery_app) == 1
+
+    assert log.first("DEL", WAKE_KEY) < log.first("LPOP", PENDING_KEY)
+    assert runtime.store.redis.exists(WAKE_KEY) == 0
+
+
+def test_requests_left_get_one_more_wake_up(
+    make_runtime: Callable[..., WorkerRuntime], celery_app: Celery, redis_url: str
+) -> None:
+    runtime = make_runtime(realtime_max_requests=2)
+    requests = [make_request(runtime, [text(f"text {number}")]) for number in range(5)]
+    send(runtime, celery_app, *requests)
+    client = runtime.store.redis
+
+    with CommandLog(redis_url) as log:
+        assert embed_and_wake(runtime, celery_app) == 2
+    # The next wake-up is sent before the model runs, so another process can take the rest meanwhile.
+    first_reply = REALTIME_REPLY_KEY.format(request_id=requests[0].request_id)
+    assert log.first("SET", WAKE_KEY) < log.first("RPUSH", first_reply)
+    assert client.llen(QUEUE) == 1
+    assert client.llen(PENDING_KEY) == 3
+
+    assert embed_and_wake(runtime, celery_app) == 2
+    assert client.llen(QUEUE) == 1
+    assert embed_and_wake(runtime, celery_app) == 1
+    assert client.llen(QUEUE) == 0
+    assert client.exists(WAKE_KEY) == 0
+    for request in requests:
+        assert reply_of(runtime, request) is not None, request.request_id
+
+
+def test_wait_reply_rearms_lost_wake_up(runtime: WorkerRuntime, celery_app: Celery) -> None:
+    """A request whose wake-up task was lost still gets its reply: its sender queues another task."""
+    client = runtime.store.redis
+    stop = threading.Event()
+    replied: list[int] = []
+
+    def work() -> None:
+        # A worker's loop: take each task off the Celery list and run it.
+        worker_client = redis.Redis.from_url(runtime.settings.redis_url, socket_timeout=5.0)
+        while not stop.is_set():
+            if worker_client.blpop([QUEUE], timeout=0.2) is not None:
+                replied.append(embed_pending(runtime, EmbedTaskMessage(queue=QUEUE), worker=WORKER, celery=celery_app))
+        worker_client.close()
+
+    request = make_request(runtime, [text("a cat")])
+    send(runtime, celery_app, request)
+    client.delete(QUEUE, WAKE_KEY)  # the task was lost and its wake key expired
+    thread = threading.Thread(target=work, name="test-worker", daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        reply = wait_reply(client, request.request_id, time.time() + 30.0, celery=celery_app, queue=QUEUE)
+        elapsed_s = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(timeout=30.0)
+
+    assert reply is not None
+    assert reply.error is None
+    assert replied == [1]
+    assert elapsed_s < 15.0  # one WAIT_STEP_S, then the tiny model, far from the 30 s deadline
 
 
 def test_expired_request_skipped(runtime: WorkerRuntime, celery_app: Celery) -> None:
