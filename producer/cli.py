@@ -199,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("--delete-shards", action="store_true", help="delete the shards once the files and _MANIFEST.json are written")
     compact.set_defaults(handler=cmd_compact)
 
-    worker = commands.add_parser("worker", help="start a Celery worker with production defaults")
+    worker = commands.add_parser(
+        "worker", help="start a Celery worker with production defaults",
+        description="Start a Celery worker that loads CLIPFLEET_MODEL and runs the tasks (image classification, embeddings) of the "
+        "batch and realtime queues of CLIPFLEET_REDIS_URL, until it is stopped with SIGINT or SIGTERM.",
+    )
     worker.add_argument("--concurrency", type=int, default=1, help="pool processes (default 1); several processes may share one GPU, see docs/benchmarks.md")
     worker.add_argument(
         "--queue", default=None,
@@ -211,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(handler=cmd_worker)
 
-    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API (models, embeddings, files, batches) in front of the workers")
+    serve = commands.add_parser(
+        "serve", help="serve the OpenAI-compatible HTTP API (models, embeddings, files, batches) in front of the workers",
+        description="Serve the OpenAI-compatible HTTP API in front of the workers of CLIPFLEET_REDIS_URL: /v1/models, "
+        "/v1/embeddings, and with CLIPFLEET_API_FILES_URI set, /v1/files and /v1/batches. docs/api.md describes it.",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 listens on every interface)")
     serve.add_argument("--port", type=_tcp_port, default=8000, help="TCP port to listen on (default 8000)")
     serve.add_argument("--workers", type=_positive_int, default=1, help="server processes (default 1); each reads the CLIPFLEET_* settings itself")

@@ -69,7 +69,8 @@ def add_batch_schemas(app: FastAPI) -> None:
     """Describe the bodies of batch input lines in /openapi.json, which no route takes directly.
 
     Adds the components BatchRequestLine, ClassificationRequest (a /v1/classifications body) and
-    ClassificationResult (its response body, a clipfleet result row).
+    ClassificationResult (its response body, a clipfleet result row), and removes FastAPI's 422 responses
+    (see `drop_validation_responses`).
     """
     from pydantic.json_schema import models_json_schema
 
@@ -87,10 +88,22 @@ def add_batch_schemas(app: FastAPI) -> None:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, definition in definitions["$defs"].items():
             components.setdefault("ClassificationRequest" if name == "ClassificationBody" else name, definition)
+        drop_validation_responses(schema)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def drop_validation_responses(schema: dict[str, Any]) -> None:
+    """Remove the 422 response FastAPI lists on routes with parameters, and its schemas: invalid requests get
+    400 in OpenAI's error shape (producer.api.errors.validation_error)."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
 
 
 def _check_api_key(keys: list[str]) -> Callable[[Request, Handler], Awaitable[Response]]:

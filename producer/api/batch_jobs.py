@@ -7,7 +7,8 @@ or through cancelling to cancelled (and to expired after its completion window) 
   runs as one job whose manifest lists the group's images. Images sent as data URIs are stored under the files
   folder first. The job's result rows are mapped back to the requests by URI.
 - /v1/embeddings: the images of the requests of one model run as one job that stores float32 embeddings (with a
-  placeholder label), and the texts go through the realtime path (`producer.api.embeddings.embed`).
+  placeholder label), and the texts go through the realtime path (`producer.api.embeddings.embed`), whose
+  transient failures are retried with backoff (`producer.api.batch_retry`).
 
 Each pass takes the lease API_BATCH_LEASE_KEY of every active batch (or refreshes it), so several API servers
 never drive one batch at the same time, and a batch left by a stopped server is taken over once its lease
@@ -33,6 +34,7 @@ import numpy as np
 from producer.api import embeddings as realtime
 from producer.api.batch_outcome import Outcome
 from producer.api.batch_plan import Group, Plan, PlanBuilder, Planned, batch_folder
+from producer.api.batch_retry import TextRetry, TextsInterrupted
 from producer.api.batches import (
     MAX_LISTED_ERRORS,
     batch_key,
@@ -280,22 +282,37 @@ class BatchDriver:
         """
         pending = [planned for planned in plan.requests if planned.texts and planned.error is None]
         results: dict[str, Any] = {}
+        retry = TextRetry(self._expires_at(batch_id), lambda: self._interrupted(batch_id))
         with ThreadPoolExecutor(TEXT_THREADS, thread_name_prefix="clipfleet-batch-texts") as pool:
             for start in range(0, len(pending), TEXT_THREADS * 4):
-                if self._stop.is_set() or self.redis.hexists(batch_key(batch_id), "cancel_requested_at"):
+                if self._interrupted(batch_id):
                     return
                 chunk = pending[start:start + TEXT_THREADS * 4]
-                for planned, result in zip(chunk, pool.map(self._embed_request, chunk)):
-                    results[planned.request.custom_id] = result
+                try:
+                    for planned, result in zip(chunk, pool.map(lambda planned: self._embed_request(planned, retry), chunk)):
+                        results[planned.request.custom_id] = result
+                except TextsInterrupted:
+                    logger.info("Batch %s: embedding the texts stopped (cancelled, or the driver stops)", batch_id)
+                    return
         texts = json.dumps(results).encode("utf-8")
         self.state.storage.put_bytes(join_location(batch_folder(self.state, batch_id), "texts.json"), texts, "application/json")
         self.redis.hset(batch_key(batch_id), "texts_done", "1")
-        logger.info("Batch %s: texts of %d requests embedded", batch_id, len(pending))
+        logger.info("Batch %s: texts of %d requests embedded (%d retries)", batch_id, len(pending), retry.retries)
 
-    def _embed_request(self, planned: Planned) -> dict[str, Any]:
+    def _interrupted(self, batch_id: str) -> bool:
+        """Return True when the driver stops or the batch has a cancel request."""
+        return self._stop.is_set() or bool(self.redis.hexists(batch_key(batch_id), "cancel_requested_at"))
+
+    def _expires_at(self, batch_id: str) -> float:
+        fields = load_fields(self.redis, batch_id) or {}
+        return float(json.loads(fields["object"])["expires_at"]) if fields else time.time()
+
+    def _embed_request(self, planned: Planned, retry: TextRetry) -> dict[str, Any]:
+        """Embed one request's texts, retrying transient failures (see producer.api.batch_retry); return its reply or error."""
         assert isinstance(planned.body, EmbeddingsRequest)
+        body = planned.body
         try:
-            vectors, tokens = realtime.embed(self.state, planned.body.model, planned.texts)
+            vectors, tokens = retry.call(lambda: realtime.embed(self.state, body.model, planned.texts), f"request {planned.request.custom_id!r}")
         except ApiError as e:
             return {"error": {"status": e.status, "message": e.message, "code": e.code, "param": e.param}}
         data = base64.b64encode(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).decode("ascii")

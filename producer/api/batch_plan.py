@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from producer.api import embeddings as realtime
 from producer.api.batches import BatchRequest, ClassificationBody, parse_input
-from producer.api.errors import ApiError
+from producer.api.errors import ApiError, describe_problems
 from producer.api.files import files_folder, read_bytes
 from producer.api.schemas import EmbeddingsRequest
 from producer.api.state import ApiState
@@ -106,6 +106,7 @@ class PlanBuilder:
     def _embedding(self, request: BatchRequest) -> Planned:
         body = EmbeddingsRequest.model_validate(request.body)
         inputs = realtime.parse_inputs(body.input, self.state.settings)
+        self._model(body.model)  # a model no worker serves fails the request with 404, texts included
         values = [body.input] if isinstance(body.input, str) else body.input
         uris = [self._image(request, index, value) if item.kind == "image" else None for index, (item, value) in enumerate(zip(inputs, values))]
         planned = Planned(request, body, uris=uris, texts=[item for item in inputs if item.kind == "text"])
@@ -140,7 +141,7 @@ class PlanBuilder:
         """Return the location the job reads input `index` from: its s3:// URI, or where its data URI image is stored."""
         item = realtime.parse_input(value, index, self.state.settings)
         if item.kind != "image":
-            raise ApiError(400, f"input {value[:60]!r} is not an image: use an s3:// URI or a data:image/ URI", code="invalid_input", param="input")
+            raise ApiError(400, f"input[{index}] {value[:60]!r} is not an image: use an s3:// URI or a data:image/ URI", code="invalid_input", param="input")
         if item.uri is not None:
             return item.uri
         media_type = value[len("data:"):].split(";", 1)[0].lower()
@@ -152,7 +153,4 @@ class PlanBuilder:
 
 def body_error(error: ValidationError) -> ApiError:
     """Return the 400 of a request body that fails validation, naming the first invalid field."""
-    first = error.errors()[0]
-    param = ".".join(str(part) for part in first.get("loc", ())) or None
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    return ApiError(400, f"{param}: {message}" if param else message, code="invalid_request", param=param)
+    return describe_problems(list(error.errors()))

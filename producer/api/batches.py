@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from producer.api.errors import ApiError
 from producer.api.files import files_folder, load_file
+from producer.api.schemas import error_responses
 from producer.api.state import ApiState, get_state
 from producer.constants import (
     API_BATCH_KEY,
@@ -201,12 +202,15 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
     if metadata is None:
         return
     if len(metadata) > MAX_METADATA_PAIRS:
-        raise ApiError(400, f"metadata has {len(metadata)} keys; at most {MAX_METADATA_PAIRS} are allowed", param="metadata")
+        raise ApiError(
+            400, f"metadata has {len(metadata)} keys; at most {MAX_METADATA_PAIRS} are allowed: remove some",
+            code="invalid_metadata", param="metadata",
+        )
     for key, value in metadata.items():
         if len(key) > MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
             raise ApiError(
                 400, f"metadata key {key[:80]!r} or its value is too long: keys hold at most {MAX_METADATA_KEY_CHARS} "
-                f"characters and values {MAX_METADATA_VALUE_CHARS}", param="metadata",
+                f"characters and values {MAX_METADATA_VALUE_CHARS}; shorten it", code="invalid_metadata", param="metadata",
             )
 
 
@@ -223,7 +227,7 @@ def new_batch(request: CreateBatch, now: float) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/batches")
+@router.post("/v1/batches", responses=error_responses(400, 401, 413, 503))
 def create_batch(request: CreateBatch, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     """Create a batch from an uploaded file of purpose `batch`; it is validated and run in the background."""
     _check_metadata(request.metadata)
@@ -245,12 +249,12 @@ def create_batch(request: CreateBatch, state: ApiState = Depends(get_state)) -> 
     return batch
 
 
-@router.get("/v1/batches/{batch_id}")
+@router.get("/v1/batches/{batch_id}", responses=error_responses(401, 404, 503))
 def retrieve_batch(batch_id: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     return batch_object(_require_batch(state, batch_id))
 
 
-@router.post("/v1/batches/{batch_id}/cancel")
+@router.post("/v1/batches/{batch_id}/cancel", responses=error_responses(401, 404, 409, 503))
 def cancel_batch(batch_id: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     """Cancel a batch: its jobs stop, and it ends `cancelled` with the results finished so far. Idempotent."""
     fields = _require_batch(state, batch_id)
@@ -261,7 +265,7 @@ def cancel_batch(batch_id: str, state: ApiState = Depends(get_state)) -> dict[st
     return batch_object(_require_batch(state, batch_id))
 
 
-@router.get("/v1/batches")
+@router.get("/v1/batches", responses=error_responses(400, 401, 503))
 def list_batches(
     limit: int = Query(20, ge=1, le=100, description="Most batches to return"),
     after: str | None = Query(None, description="A batch id: return the batches created before it"),

@@ -26,6 +26,7 @@ from producer.api.schemas import (
     error_responses,
 )
 from producer.api.state import ApiState, get_state
+from producer.constants import REALTIME_PENDING_KEY
 from producer.fleet import WorkerInfo, live_workers, serving
 from producer.realtime import (
     RealtimeError,
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 DATA_URI_PREFIX = "data:image/"
+DATA_SCHEME = "data:"
 # The Retry-After of a 429, in seconds.
 # NOTE: a fixed value, not derived from how fast the workers drain the queue.
 RETRY_AFTER_S = 1
@@ -69,7 +71,7 @@ def parse_inputs(raw: object, settings: Settings) -> list[RealtimeInput]:
 
     Each string becomes an image (`s3://` URI or `data:image/` base64 data URI) or a text; see EMBEDDINGS_DESCRIPTION.
     Raises ApiError 400 (`param="input"`) for token arrays, empty strings, other types, too many inputs, invalid
-    URIs and buckets outside CLIPFLEET_ALLOWED_BUCKETS, and 413 for a data URI image over CLIPFLEET_MAX_IMAGE_BYTES.
+    URIs (an s3:// URI without a key, a data URI of a type other than image/) and buckets outside CLIPFLEET_ALLOWED_BUCKETS, and 413 for a data URI image over CLIPFLEET_MAX_IMAGE_BYTES.
     """
     values = _input_strings(raw)
     if len(values) > settings.api_max_inputs:
@@ -103,18 +105,28 @@ def parse_input(value: str, index: int, settings: Settings) -> RealtimeInput:
     """Return the RealtimeInput of the string `input[index]`; raise ApiError 400 or 413 as `parse_inputs` does."""
     if value.startswith(S3_SCHEME):
         return RealtimeInput(kind="image", uri=_checked_s3_uri(value, index, settings.allowed_buckets))
-    if value.startswith(DATA_URI_PREFIX):
+    if value[:len(DATA_URI_PREFIX)].lower() == DATA_URI_PREFIX:
         return RealtimeInput(kind="image", data=data_uri_payload(value, index, settings.max_image_bytes))
+    if value[:len(DATA_SCHEME)].lower() == DATA_SCHEME:
+        raise _invalid(
+            f"input[{index}] {shorten(value.partition(',')[0])} is a data URI of another type: only data:image/ URIs "
+            "are images; send text as plain strings"
+        )
     if not value:
         raise _invalid(f"input[{index}] is an empty string; send a non-empty text, an s3:// URI or a data:image/ URI")
     return RealtimeInput(kind="text", text=value)
 
 
 def _checked_s3_uri(value: str, index: int, allowed_buckets: list[str]) -> str:
+    """Return the image URI `value` after checking its bucket; raise ApiError 400 for a URI of no object (an empty key)."""
     try:
-        check_bucket_allowed(parse_s3_uri(value), allowed_buckets)
+        uri = parse_s3_uri(value)
+        check_bucket_allowed(uri, allowed_buckets)
     except ValueError as e:
         raise _invalid(f"input[{index}]: {e}") from e
+    # NOTE: checked here, not in parse_s3_uri, whose other callers (job sources) accept bucket and prefix URIs.
+    if not uri.key:
+        raise _invalid(f"input[{index}] {shorten(value)}: the URI names no object key; write it as s3://BUCKET/KEY")
     return value
 
 
@@ -143,10 +155,10 @@ def data_uri_payload(value: str, index: int, max_image_bytes: int) -> str:
 
 
 def route(state: ApiState, model: str) -> WorkerInfo:
-    """Return a live worker serving `model` on the realtime queue with the fewest waiting tasks.
+    """Return a live worker serving `model` on the realtime queue with the fewest waiting requests.
 
-    Raises ApiError 503 when no live worker serves `model`, and 429 (with Retry-After) when that queue contains
-    CLIPFLEET_API_QUEUE_HIGH_WATER tasks or more. Reads Redis, whose connection errors propagate.
+    Raises ApiError 503 when no live worker serves `model`, and 429 (with Retry-After) when that queue holds
+    CLIPFLEET_API_QUEUE_HIGH_WATER waiting requests or more. Reads Redis, whose connection errors propagate.
     """
     workers = live_workers(state.redis)
     candidates = {worker.realtime_queue: worker for worker in serving(workers, model)}
@@ -156,13 +168,14 @@ def route(state: ApiState, model: str) -> WorkerInfo:
     queues = sorted(candidates)
     with state.redis.pipeline(transaction=False) as pipe:
         for queue in queues:
-            pipe.llen(queue)  # Celery's Redis transport keeps a queue's tasks in a list named after the queue
+            # The requests not yet taken by a worker; the Celery list holds at most about one wake-up task.
+            pipe.llen(REALTIME_PENDING_KEY.format(queue=queue))
         lengths = dict(zip(queues, pipe.execute()))
     queue = min(queues, key=lengths.__getitem__)
     high_water = state.settings.api_queue_high_water
     if lengths[queue] >= high_water:
         raise ApiError(
-            429, f"realtime queue {queue!r} of model {model!r} holds {lengths[queue]} tasks, at or over "
+            429, f"realtime queue {queue!r} of model {model!r} holds {lengths[queue]} waiting requests, at or over "
             f"CLIPFLEET_API_QUEUE_HIGH_WATER={high_water}; retry in {RETRY_AFTER_S} s or add workers",
             code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)},
         )
@@ -184,7 +197,7 @@ def embed(state: ApiState, model: str, inputs: list[RealtimeInput], timeout_s: f
     send_request(state.redis, state.celery, worker.realtime_queue, request)
     logger.debug("Sent request %s with %d inputs to queue %s", request.request_id, len(inputs), worker.realtime_queue)
 
-    reply = wait_reply(state.redis, request.request_id, request.deadline)
+    reply = wait_reply(state.redis, request.request_id, request.deadline, celery=state.celery, queue=worker.realtime_queue)
     if reply is None:
         withdraw_request(state.redis, worker.realtime_queue, request.request_id)
         logger.warning("Request %s to queue %s got no reply within %.1f s; withdrawn", request.request_id, worker.realtime_queue, timeout_s)

@@ -104,12 +104,68 @@ def redis_unavailable() -> ApiError:
 
 
 def validation_error(error: RequestValidationError) -> ApiError:
-    """Turn FastAPI's 422 into OpenAI's 400, naming the first invalid field and the problem."""
-    problems = error.errors()
+    """Turn FastAPI's 422 into OpenAI's 400: `invalid_json` for a body that does not parse, otherwise `invalid_request`
+    naming the first invalid field and the problem."""
+    problems = list(error.errors())
+    first = problems[0] if problems else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return invalid_json(first)
+    if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
+        return ApiError(
+            400, "the request body must be a JSON object; send one with the header Content-Type: application/json",
+            code="invalid_request", param=None,
+        )
+    return describe_problems(problems, skip=("body", "query", "path"))
+
+
+def invalid_json(problem: Any) -> ApiError:
+    """Return the 400 of a body that is not valid JSON; pydantic gives the byte offset as the last part of `loc`."""
+    position = next((part for part in reversed(problem.get("loc", ())) if isinstance(part, int)), None)
+    reason = problem.get("ctx", {}).get("error", "decode error")
+    where = f" at byte {position}" if position is not None else ""
+    return ApiError(
+        400, f"the request body is not valid JSON ({reason}{where}); send a JSON object with the header "
+        "Content-Type: application/json", code="invalid_json", param=None,
+    )
+
+
+def describe_problems(problems: list[Any], skip: tuple[str, ...] = ()) -> ApiError:
+    """Return the 400 of pydantic validation `problems`, naming the first invalid field by its path.
+
+    pydantic adds the name of each type of a union to the location (`labels.list[str]`); these names are left out
+    of `param` and listed in the message as the accepted types.
+    """
     first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
-    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    param = ".".join(location) or None
+    path = field_path(first.get("loc", ()), skip)
+    param = ".".join(path) or None
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    branches = union_branches(problems, path, skip)
+    if len(branches) > 1:
+        message = f"the value matches none of the accepted types: {' or '.join(branches)}"
     if param:
         message = f"{param}: {message}"
     return ApiError(400, message, code="invalid_request", param=param)
+
+
+def field_path(loc: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """Return the field names and list indexes of a pydantic location, without `skip` parts and union type names."""
+    return [str(part) for part in loc if part not in skip and not _is_type_name(part)]
+
+
+def union_branches(problems: list[Any], path: list[str], skip: tuple[str, ...]) -> list[str]:
+    """Return the union type names that problems at field `path` were checked against, in order."""
+    names: list[str] = []
+    for problem in problems:
+        loc = [part for part in problem.get("loc", ()) if part not in skip]
+        for index, part in enumerate(loc):
+            if _is_type_name(part) and field_path(loc[:index]) == path and part not in names:
+                names.append(str(part))
+    return names
+
+
+def _is_type_name(part: object) -> bool:
+    """Return True for a location part that pydantic adds for a union branch (`list[str]`, `str`, `int`...)."""
+    return isinstance(part, str) and ("[" in part or part in _SCALAR_TYPE_NAMES)
+
+
+_SCALAR_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "constrained-str", "constrained-int"})

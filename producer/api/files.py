@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 
 from producer.api.errors import ApiError
+from producer.api.schemas import error_responses
 from producer.api.state import ApiState, get_state
 from producer.constants import API_FILE_KEY, API_FILES_INDEX_KEY
 from producer.errors import StorageError
@@ -147,7 +148,7 @@ def _iter_s3(storage: Storage, target: S3Uri) -> Iterator[bytes]:
         body.close()
 
 
-@router.post("/v1/files")
+@router.post("/v1/files", responses=error_responses(400, 401, 413, 500, 503))
 def upload_file(
     file: UploadFile = File(..., description="The file; a batch input is a JSONL file of requests"),
     purpose: str = Form(..., description="What the file is for; `batch` is the only purpose accepted for uploads"),
@@ -173,7 +174,7 @@ def upload_file(
     return file_object(_record_file(state, file_id, size_bytes, file.filename or "upload", purpose))
 
 
-@router.get("/v1/files")
+@router.get("/v1/files", responses=error_responses(400, 401, 503))
 def list_files(
     purpose: str | None = Query(None, description="Only files with this purpose"),
     limit: int = Query(10_000, ge=1, le=MAX_LIST_LIMIT, description="Most files to return"),
@@ -203,12 +204,12 @@ def list_files(
     }
 
 
-@router.get("/v1/files/{file_id}")
+@router.get("/v1/files/{file_id}", responses=error_responses(401, 404, 503))
 def retrieve_file(file_id: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     return file_object(load_file(state, file_id))
 
 
-@router.get("/v1/files/{file_id}/content", response_model=None)
+@router.get("/v1/files/{file_id}/content", response_model=None, responses=error_responses(401, 404, 500, 503))
 def file_content(file_id: str, state: ApiState = Depends(get_state)) -> StreamingResponse | FileResponse:
     """Stream the content of a file, in chunks of STREAM_CHUNK_BYTES."""
     fields = load_file(state, file_id)
@@ -231,7 +232,7 @@ def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
-@router.delete("/v1/files/{file_id}")
+@router.delete("/v1/files/{file_id}", responses=error_responses(401, 404, 500, 503))
 def delete_file(file_id: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     """Delete a file's content and metadata. Batches that name it as input or output can no longer read it."""
     load_file(state, file_id)

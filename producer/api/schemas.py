@@ -16,8 +16,9 @@ Embed texts and images with the CLIP model of a live worker. The embeddings are 
 Each string of `input` is read by its start:
 
 - `s3://bucket/key`: an image in object storage, read by the worker. The bucket must be in
-  CLIPFLEET_ALLOWED_BUCKETS when that setting is not empty.
+  CLIPFLEET_ALLOWED_BUCKETS when that setting is not empty, and the key must not be empty.
 - `data:image/...;base64,...`: an image file sent inline, at most CLIPFLEET_MAX_IMAGE_BYTES once decoded.
+  A data URI of any other type (`data:text/plain,...`) is invalid: send a text as a plain string.
 - anything else: a text, embedded by the text tower. An empty string is invalid.
 
 Token arrays (lists of integers) are not supported. `dimensions` must equal the model's embedding size when given.
@@ -89,13 +90,16 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 ERROR_DESCRIPTIONS = {
-    400: "The request or one of its inputs is invalid",
+    400: "The request, one of its fields or inputs, or its JSON is invalid",
     401: "The API key is missing or not one of CLIPFLEET_API_KEYS",
-    404: "The model is not served",
-    413: "The body is over CLIPFLEET_API_MAX_REQUEST_BYTES, or an image over CLIPFLEET_MAX_IMAGE_BYTES",
+    404: "The file or batch named in the path does not exist",
+    409: "The batch has already ended, so it can no longer be cancelled",
+    413: "The body is over CLIPFLEET_API_MAX_REQUEST_BYTES (an upload over CLIPFLEET_API_MAX_FILE_BYTES), or an image "
+    "over CLIPFLEET_MAX_IMAGE_BYTES",
     429: "The model's realtime queue is at CLIPFLEET_API_QUEUE_HIGH_WATER; retry after the Retry-After seconds",
-    500: "A worker failed or sent a malformed reply",
-    503: "No live worker serves the model, or Redis is unreachable",
+    500: "A worker failed or sent a malformed reply, or reading or writing object storage failed",
+    503: "No live worker serves the model, Redis is unreachable, or files and batches are disabled because "
+    "CLIPFLEET_API_FILES_URI is not set",
     504: "No worker replied within CLIPFLEET_API_TIMEOUT_S",
 }
 

@@ -34,6 +34,7 @@ BUCKET = "batch-api"
 LABELS = ["cat", "rocket", "coffee cup", "astronaut"]
 PROMPTS = {"cat": ["a photo of a cat", "a kitten"], "rocket": ["a rocket launch"], "mug": ["a mug of coffee"]}
 MANY_IMAGES = 120
+TEXT_LINES = 16
 BATCH_WAIT_S = 180.0
 TOLERANCE = 1e-5
 
@@ -244,6 +245,61 @@ def test_invalid_lines_fail_validation(api: OpenAI) -> None:
     assert [(error.line, error.code) for error in done.errors.data] == [
         (2, "duplicate_custom_id"), (3, "mismatched_endpoint"), (4, "invalid_json_line"), (5, "invalid_method"),
     ]
+
+
+def test_text_requests_retried_while_queue_full(start_server: Callable[..., ApiServer], tiny_clip_dir: Path) -> None:
+    """With CLIPFLEET_API_QUEUE_HIGH_WATER=1 the realtime route answers 429 to most concurrent requests; the
+    driver backs off and sends them again, so every line completes."""
+    server = start_server(CLIPFLEET_API_QUEUE_HIGH_WATER="1")
+    model = tiny_clip_dir.name
+    lines = [request_line(f"t{index:03d}", "/v1/embeddings", {"model": model, "input": [f"text {index}", "a cat"]}) for index in range(TEXT_LINES)]
+    with OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as api:
+        wait_for_model(server, str(tiny_clip_dir))
+        batch = api.batches.create(input_file_id=upload(api, lines), endpoint="/v1/embeddings", completion_window="24h")
+
+        done = wait_for_batch(api, batch.id)
+        errors = read_lines(api, done.error_file_id)
+
+    assert not errors, list(errors.values())[:2]
+    assert done.request_counts.model_dump() == {"total": TEXT_LINES, "completed": TEXT_LINES, "failed": 0}
+    assert "failed with 429 queue_full" in server.process.log_path.read_text()
+
+
+def test_invalid_bodies_fail_their_lines(api: OpenAI, tiny_clip_dir: Path) -> None:
+    model = tiny_clip_dir.name
+    embeddings = [
+        request_line("unknown-model", "/v1/embeddings", {"model": "no-such-model", "input": "a cat"}),
+        request_line("text-data-uri", "/v1/embeddings", {"model": model, "input": "data:text/plain;base64,aGVsbG8="}),
+        request_line("no-key", "/v1/embeddings", {"model": model, "input": ["a cat", f"s3://{BUCKET}/"]}),
+    ]
+    classifications = [
+        request_line("string-labels", "/v1/classifications", {"model": model, "input": f"s3://{BUCKET}/in/a.jpg", "labels": "cat"}),
+        request_line("no-key", "/v1/classifications", {"model": model, "input": f"s3://{BUCKET}/", "labels": LABELS}),
+    ]
+    created = [
+        api.batches.create(input_file_id=upload(api, lines), endpoint=url, completion_window="24h")  # type: ignore[arg-type]
+        for url, lines in (("/v1/embeddings", embeddings), ("/v1/classifications", classifications))
+    ]
+
+    errors = {}
+    for batch in created:
+        done = wait_for_batch(api, batch.id)
+        assert done.request_counts.failed == {"/v1/embeddings": 3, "/v1/classifications": 2}[done.endpoint]
+        errors[done.endpoint] = {key: line["response"] for key, line in read_lines(api, done.error_file_id).items()}
+
+    unknown = errors["/v1/embeddings"]["unknown-model"]
+    assert (unknown["status_code"], unknown["body"]["error"]["code"]) == (404, "model_not_found")
+    text_uri = errors["/v1/embeddings"]["text-data-uri"]
+    assert text_uri["status_code"] == 400
+    assert "only data:image/ URIs are images; send text as plain strings" in text_uri["body"]["error"]["message"]
+    for endpoint in errors:
+        no_key = errors[endpoint]["no-key"]
+        assert no_key["status_code"] == 400
+        assert f"s3://{BUCKET}/" in no_key["body"]["error"]["message"]
+        assert "the URI names no object key" in no_key["body"]["error"]["message"]
+    labels = errors["/v1/classifications"]["string-labels"]["body"]["error"]
+    assert labels["param"] == "labels"
+    assert "list[str] or dict[str,list[str]]" in labels["message"]
 
 
 def test_unknown_ids_and_listing(api: OpenAI) -> None:

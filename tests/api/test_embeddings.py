@@ -197,7 +197,7 @@ def test_missing_image_is_400(client: openai.OpenAI, tiny_clip_dir: Path, images
     assert error.code == "not_found"
     assert error.param == "input"
     assert isinstance(error.body, dict)
-    assert "input 1" in error.body["message"]
+    assert "input[1]" in error.body["message"]
 
 
 def test_corrupt_data_uri_image_is_400(client: openai.OpenAI, tiny_clip_dir: Path) -> None:

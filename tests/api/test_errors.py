@@ -85,7 +85,7 @@ class FakeWorker:
     """A registry entry plus a thread that replies to the requests of its realtime queue with `answer(request)`.
 
     The thread waits until `min_pending` requests are pending, then replies to every pending one. It also empties the
-    Celery queue list, which no Celery worker reads here, so the API's high-water check sees an empty queue.
+    Celery queue list, which no Celery worker reads here, so wake-up tasks do not pile up between tests.
     """
 
     def __init__(
@@ -178,6 +178,9 @@ INVALID_INPUTS = [
     ("data:image/png,abcd", "not a base64 data URI"),
     ("data:image/png;base64,@@@@", "invalid base64"),
     ("data:image/png;base64,", "without image data"),
+    (f"s3://{ALLOWED_BUCKET}/", f"input[0] 's3://{ALLOWED_BUCKET}/': the URI names no object key"),
+    ("data:text/plain;base64,aGVsbG8=", "only data:image/ URIs are images; send text as plain strings"),
+    ("data:,hello", "only data:image/ URIs are images"),
 ]
 
 
@@ -210,6 +213,45 @@ def test_invalid_field_rejected(client: openai.OpenAI, fields: dict[str, Any], p
     assert error.type == "invalid_request_error"
     assert error.param == param
     assert message_of(error).startswith(f"{param}: ")
+
+
+def test_malformed_json_is_invalid_json(server: ApiServer) -> None:
+    response = httpx.post(
+        server.base_url + "/embeddings", content=b'{"model": "tiny", "input": ', headers={"Content-Type": "application/json"}, timeout=10,
+    )
+
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert (error["code"], error["param"], error["type"]) == ("invalid_json", None, "invalid_request_error")
+    assert "the request body is not valid JSON" in error["message"]
+    assert "at byte 27" in error["message"]
+    assert "Content-Type: application/json" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "headers"),
+    [(b"[1, 2]", {"Content-Type": "application/json"}), (b'{"model": "m", "input": "a cat"}', {"Content-Type": ""})],
+    ids=["array", "no-content-type"],
+)
+def test_non_object_body_rejected(server: ApiServer, content: bytes, headers: dict[str, str]) -> None:
+    response = httpx.post(server.base_url + "/embeddings", content=content, headers=headers, timeout=10)
+
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert error["param"] is None
+    assert error["message"].startswith("the request body must be a JSON object")
+    assert "Content-Type: application/json" in error["message"]
+
+
+def test_batch_metadata_error_has_code(server: ApiServer) -> None:
+    metadata = {f"key{index}": "value" for index in range(17)}
+    body = {"input_file_id": "file-abc", "endpoint": "/v1/embeddings", "completion_window": "24h", "metadata": metadata}
+    response = httpx.post(server.base_url + "/batches", json=body, timeout=10)
+
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert (error["code"], error["param"]) == ("invalid_metadata", "metadata")
+    assert "metadata has 17 keys" in error["message"]
 
 
 def test_missing_input_rejected(server: ApiServer, redis_url: str) -> None:
@@ -309,8 +351,9 @@ def test_other_model_is_503_naming_served(client: openai.OpenAI, fake_worker: Fa
 
 
 def test_queue_over_high_water_is_429(client: openai.OpenAI, redis_client: redis.Redis) -> None:
+    pending_key = REALTIME_PENDING_KEY.format(queue=QUEUE)
     announce(redis_client, worker_info(), ttl_s=300)
-    redis_client.rpush(QUEUE, *[f"queued-{index}" for index in range(HIGH_WATER)])
+    redis_client.rpush(pending_key, *[f"waiting-{index}" for index in range(HIGH_WATER)])
 
     error = error_of(lambda: client.embeddings.create(model=MODEL, input="a cat"), openai.RateLimitError)
 
@@ -318,9 +361,29 @@ def test_queue_over_high_water_is_429(client: openai.OpenAI, redis_client: redis
     assert error.type == "rate_limit_error"
     assert error.code == "queue_full"
     assert error.response.headers["retry-after"] == "1"
-    assert f"holds {HIGH_WATER} tasks" in message_of(error)
-    assert redis_client.llen(QUEUE) == HIGH_WATER
-    assert redis_client.llen(REALTIME_PENDING_KEY.format(queue=QUEUE)) == 0
+    assert f"holds {HIGH_WATER} waiting requests" in message_of(error)
+    assert redis_client.llen(pending_key) == HIGH_WATER
+    assert redis_client.llen(QUEUE) == 0
+
+
+def test_queued_tasks_alone_not_429(client: openai.OpenAI, redis_client: redis.Redis) -> None:
+    # Celery tasks in the queue's list are wake-ups, not requests: only waiting requests count toward the mark.
+    pending_key = REALTIME_PENDING_KEY.format(queue=QUEUE)
+    queued_tasks = HIGH_WATER * 10
+    announce(redis_client, worker_info(), ttl_s=300)
+    redis_client.rpush(QUEUE, *[f"queued-{index}" for index in range(queued_tasks)])
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(client.embeddings.create, model=MODEL, input="a cat", encoding_format="float")
+        popped = redis_client.blpop([pending_key], timeout=4)  # below the client's socket timeout of 5 s
+        assert popped is not None, "the request was not queued"
+        body = redis_client.getdel(REALTIME_REQUEST_KEY.format(request_id=popped[1].decode()))
+        assert body is not None
+        push_reply(redis_client, echo_reply(RealtimeRequest.model_validate_json(body)))
+        result = future.result(timeout=REPLY_WAIT_S)
+
+    assert [item.embedding[0] for item in result.data] == [0.5]
+    assert redis_client.llen(QUEUE) == queued_tasks + 1  # the request's own wake-up
 
 
 def test_no_reply_is_504_and_withdrawn(client: openai.OpenAI, redis_client: redis.Redis) -> None:
@@ -341,7 +404,7 @@ def test_no_reply_is_504_and_withdrawn(client: openai.OpenAI, redis_client: redi
 
 def test_worker_error_mapped(client: openai.OpenAI, redis_url: str) -> None:
     def fail(request: RealtimeRequest) -> RealtimeReply:
-        error = RealtimeError(index=1, code="not_found", message="input 1: s3://allowed-bucket/x.jpg does not exist")
+        error = RealtimeError(index=1, code="not_found", message="input[1]: s3://allowed-bucket/x.jpg does not exist")
         return RealtimeReply(request_id=request.request_id, model=request.model, error=error)
 
     with FakeWorker(redis_url, answer=fail):
@@ -352,7 +415,7 @@ def test_worker_error_mapped(client: openai.OpenAI, redis_url: str) -> None:
     assert error.status_code == 400
     assert error.code == "not_found"
     assert error.param == "input"
-    assert message_of(error) == "input 1: s3://allowed-bucket/x.jpg does not exist"
+    assert message_of(error) == "input[1]: s3://allowed-bucket/x.jpg does not exist"
 
 
 def test_malformed_reply_is_500(client: openai.OpenAI, redis_url: str) -> None:
@@ -484,8 +547,16 @@ def test_openapi_lists_every_route(client: openai.OpenAI, server: ApiServer, red
 
     assert routes <= listed
     assert {("/v1/models", "GET"), ("/v1/models/{model_id}", "GET"), ("/v1/embeddings", "POST")} <= listed
+    responses = {(path, method.upper()): set(operation["responses"]) for path, operations in schema["paths"].items() for method, operation in operations.items()}
+    assert [route for route, statuses in responses.items() if "422" in statuses] == []
+    assert [route for route, statuses in responses.items() if route[0].startswith("/v1/") and "401" not in statuses] == []
+    assert {"400", "413", "500", "503"} <= responses[("/v1/files", "POST")]
+    assert {"404", "409"} <= responses[("/v1/batches/{batch_id}/cancel", "POST")]
+    assert "404" in responses[("/v1/files/{file_id}/content", "GET")]
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
     description = schema["paths"]["/v1/embeddings"]["post"]["description"]
     assert "s3://bucket/key" in description
+    assert "data:text/plain" in description
     assert "data:image/" in description
     assert "Token arrays" in description
 
