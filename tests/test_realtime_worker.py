@@ -145,6 +145,8 @@ def test_registry_lists_worker_until_stopped(
         assert listed[0].queue == "registry-batch"
         assert listed[0].realtime_queue == "registry-realtime"
         assert listed[0].heartbeat_at >= listed[0].started_at
+        # The main process id keeps two workers with one node name apart.
+        assert listed[0].name.endswith(f"/{worker.process.pid}")
     finally:
         worker.stop()
     assert wait_for_registry(redis_client, worker.name + "@", present=False) == []

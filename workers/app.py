@@ -342,8 +342,11 @@ def stop_metrics_server(**_: Any) -> None:
 @signals.worker_ready.connect
 def start_heartbeat(sender: Any = None, **_: Any) -> None:
     """Announce the worker in the registry of live workers once a pool process has loaded the model (see
-    `workers.heartbeat`), under Celery's node name, such as celery@host."""
-    name = getattr(sender, "hostname", None) or f"celery@{platform.node()}"
+    `workers.heartbeat`), under Celery's node name and the main process id, such as celery@host/1234.
+
+    The process id keeps two workers started on one host with Celery's default node name apart in the registry.
+    """
+    name = f"{getattr(sender, 'hostname', None) or f'celery@{platform.node()}'}/{os.getpid()}"
     heartbeat = Heartbeat.for_settings(name, settings, _ready_for_registry)
     _heartbeats.append(heartbeat)
     heartbeat.start()

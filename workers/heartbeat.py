@@ -116,7 +116,7 @@ class Heartbeat:
         if not self.announced:
             logger.info(
                 "Worker %s announced in the registry: model %s, queue %s, realtime queue %s",
-                self.name, self.settings.model, self.settings.queue, self.settings.realtime_queue or "(none)",
+                self.name, self.settings.model, self.info().queue or "(none)", self.settings.realtime_queue or "(none)",
             )
         self.announced = True
 
