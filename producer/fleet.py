@@ -22,7 +22,7 @@ HEARTBEAT_TTL_S = 20.0
 class WorkerInfo:
     """One live worker. Times are Unix seconds."""
 
-    name: str  # Celery's node name, for example celery@host
+    name: str  # Celery's node name and the main process id, for example celery@host/1234
     model: str  # CLIPFLEET_MODEL: a hub id or a local directory
     revision: str  # CLIPFLEET_MODEL_REVISION, or "" for the default
     queue: str  # the batch queue it reads
