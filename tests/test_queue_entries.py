@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from producer import Client, Settings
-from producer.constants import TASK_CLASSIFY_BATCH
+from producer.constants import DEFAULT_REALTIME_QUEUE, TASK_CLASSIFY_BATCH
 from producer.queue import make_celery
 from tests.support.servers import RedisServer
 from tests.support.worker import start_worker
@@ -173,6 +173,18 @@ def test_malformed_entry_dropped(stack: EntryStack, name: str) -> None:
     assert stack.redis.llen(stack.queue) == 0
     assert stack.redis.hlen(UNACKED_KEY) == 0
     assert "Unrecoverable error" not in stack.log()
+
+
+def test_malformed_realtime_entry_names_its_queue(stack: EntryStack) -> None:
+    # The worker reads the realtime queue too; the log names the queue the entry came from.
+    start = len(stack.log())
+
+    stack.redis.lpush(DEFAULT_REALTIME_QUEUE, "not json")
+    lines = stack.wait_for_log_lines(start, f"{DROPPED} {DEFAULT_REALTIME_QUEUE}:")
+
+    assert len(lines) == 1, stack.worker.log_tail(20)
+    assert stack.queue not in lines[0]
+    assert stack.redis.llen(DEFAULT_REALTIME_QUEUE) == 0
 
 
 def test_worker_serves_after_malformed_entries(stack: EntryStack) -> None:

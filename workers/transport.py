@@ -11,9 +11,10 @@ and going on drops it for good: no later worker receives it again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from queue import Empty
 from typing import Any
 
@@ -102,11 +103,14 @@ class Channel(kombu_redis.Channel):
 
     Message = Message
     entry_parsed = False
+    entry_queue: str | None = None  # the queue of the entry being read, once BRPOP has returned it
 
     def _brpop_read(self, **options: Any) -> Any:
         self.entry_parsed = False
+        self.entry_queue = None
         try:
-            return super()._brpop_read(**options)
+            with self._recording_entry_queue():
+                return super()._brpop_read(**options)
         except MalformedQueueEntry as e:
             self._log_dropped_entry(e.payload, f"not a message envelope: {e}")
         # kombu raises Empty when BRPOP timed out without an entry.
@@ -122,11 +126,31 @@ class Channel(kombu_redis.Channel):
             self._log_dropped_entry(_entry_of(e), f"not valid JSON: {_error_name(e)}: {_shorten(str(e))}")
         return None
 
+    @contextlib.contextmanager
+    def _recording_entry_queue(self) -> Iterator[None]:
+        """Record in `entry_queue` the queue that BRPOP returned the entry from.
+
+        kombu 5.7 passes that queue to `_queue_cycle.rotate` before it parses the entry, and to no exception, so
+        the cycle's `rotate` is wrapped for the duration of one read.
+        """
+        cycle = self._queue_cycle
+        rotate = cycle.rotate
+
+        def record_and_rotate(queue: str) -> Any:
+            self.entry_queue = queue
+            return rotate(queue)
+
+        cycle.rotate = record_and_rotate
+        try:
+            yield
+        finally:
+            del cycle.rotate  # the class's own method shows through again
+
     def _log_dropped_entry(self, entry: Any, reason: str) -> None:
-        # BRPOP's reply names the list, but kombu does not pass it on to an exception, so the log names the
-        # queues that this channel consumes.
+        # Without a recorded queue (a kombu version that no longer rotates first), the log names every queue read.
+        queues = [self.entry_queue] if self.entry_queue else self.active_queues
         excerpt = "is not available" if entry is ENTRY_NOT_AVAILABLE else f"starts {describe_excerpt(entry)}"
-        logger.error("Dropped a malformed entry from %s: %s; entry %s", describe_queues(self.active_queues), reason, excerpt)
+        logger.error("Dropped a malformed entry from %s: %s; entry %s", describe_queues(queues), reason, excerpt)
 
 
 def _entry_of(error: Exception) -> Any:
