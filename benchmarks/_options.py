@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+from typing import Any
 
 
 def positive_int(text: str) -> int:
@@ -19,6 +21,13 @@ def positive_float(text: str) -> float:
     if not value > 0 or not math.isfinite(value):
         raise ValueError(text)
     return value
+
+
+def fill_defaults(args: argparse.Namespace, defaults: dict[str, tuple[Any, Any]]) -> None:
+    """Set each option of `defaults` that was not given to its quick value with --quick, else to its full value."""
+    for name, (quick_value, full_value) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick_value if args.quick else full_value)
 
 
 positive_int.__name__ = "positive integer"

@@ -39,3 +39,31 @@ def run_benchmark(args: argparse.Namespace, run: Callable[[argparse.Namespace, P
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def prepare_images_and_checkpoint(quick: bool, images: int, workdir: Path) -> tuple[dict[str, object], list[tuple[str, bytes]], Path]:
+    """Print the machine, generate `images` photo-like JPEGs and save a checkpoint under `workdir`.
+
+    The checkpoint is the tiny test CLIP with `quick`, else the ViT-B/32-sized one with random weights.
+    Returns the machine's description, the named JPEGs and the checkpoint folder.
+    """
+    from benchmarks import _images, _model
+
+    info = _images.machine_info()
+    print("== Machine")
+    for key, value in info.items():
+        print(f"  {key}: {value}")
+    photos = _images.generate_photos(images)
+    print(f"  images: {_images.describe_photos(photos)}")
+    checkpoint = workdir / "checkpoint"
+    if quick:
+        from tests.support.checkpoints import build_tiny_clip
+
+        build_tiny_clip(checkpoint)
+    else:
+        _model.build_vit_b32(checkpoint)
+    return info, photos, checkpoint
+
+
+def checkpoint_description(quick: bool) -> str:
+    return "tiny test CLIP" if quick else "ViT-B/32 size, random weights"

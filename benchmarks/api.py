@@ -35,9 +35,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import _images, _model, _stack  # noqa: E402
-from benchmarks._options import positive_int  # noqa: E402
-from benchmarks._runner import run_benchmark  # noqa: E402
+from benchmarks import _model, _stack  # noqa: E402
+from benchmarks._options import fill_defaults, positive_int  # noqa: E402
+from benchmarks._runner import (  # noqa: E402
+    checkpoint_description,
+    prepare_images_and_checkpoint,
+    run_benchmark,
+)
 
 INPUT_BUCKET = "bench-input"
 OUTPUT_BUCKET = "bench-output"
@@ -56,9 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="CLIPFLEET_DTYPE of the worker")
     parser.add_argument("--json", type=Path, default=None, help="also write the RESULT object to this file")
     args = parser.parse_args(argv)
-    for name, quick_value, full_value in (("requests", 64, 512), ("images", 8, 256)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick_value if args.quick else full_value)
+    fill_defaults(args, {"requests": (64, 512), "images": (8, 256)})
     return args
 
 
@@ -67,22 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    info = _images.machine_info()
-    print("== Machine")
-    for key, value in info.items():
-        print(f"  {key}: {value}")
-    photos = _images.generate_photos(args.images)
-    print(f"  images: {_images.describe_photos(photos)}")
-    checkpoint = workdir / "checkpoint"
-    if args.quick:
-        from tests.support.checkpoints import build_tiny_clip
-
-        build_tiny_clip(checkpoint)
-    else:
-        _model.build_vit_b32(checkpoint)
+    info, photos, checkpoint = prepare_images_and_checkpoint(args.quick, args.images, workdir)
     result: dict[str, Any] = {
         "machine": info, "quick": args.quick, "clients": args.clients, "requests": args.requests, "images": len(photos),
-        "checkpoint": "tiny test CLIP" if args.quick else "ViT-B/32 size, random weights",
+        "checkpoint": checkpoint_description(args.quick),
     }
     result["bare"] = bare_tower_rate(args, checkpoint, photos)
     result.update(measure(args, checkpoint, photos, workdir))

@@ -27,9 +27,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import _images, _model, _stack  # noqa: E402
-from benchmarks._options import positive_int  # noqa: E402
-from benchmarks._runner import run_benchmark  # noqa: E402
+from benchmarks import _images, _stack  # noqa: E402
+from benchmarks._options import fill_defaults, positive_int  # noqa: E402
+from benchmarks._runner import (  # noqa: E402
+    checkpoint_description,
+    prepare_images_and_checkpoint,
+    run_benchmark,
+)
 
 TEMPLATE = "a photo of a {}."
 INPUT_BUCKET = "bench-input"
@@ -46,9 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--embeddings-dtype", default="float16", choices=["float16", "float32"], help="dtype of the stored embeddings (default float16)")
     parser.add_argument("--json", type=Path, default=None, help="also write the RESULT object to this file")
     args = parser.parse_args(argv)
-    for name, quick_value, full_value in (("images", 8, 256), ("labels", 5, 10), ("task_batch_size", 4, 64)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick_value if args.quick else full_value)
+    fill_defaults(args, {"images": (8, 256), "labels": (5, 10), "task_batch_size": (4, 64)})
     return args
 
 
@@ -57,23 +59,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    info = _images.machine_info()
-    print("== Machine")
-    for key, value in info.items():
-        print(f"  {key}: {value}")
-    photos = _images.generate_photos(args.images)
-    print(f"  images: {_images.describe_photos(photos)}")
-    checkpoint = workdir / "checkpoint"
-    if args.quick:
-        from tests.support.checkpoints import build_tiny_clip
-
-        build_tiny_clip(checkpoint)
-    else:
-        _model.build_vit_b32(checkpoint)
+    info, photos, checkpoint = prepare_images_and_checkpoint(args.quick, args.images, workdir)
     result: dict[str, Any] = {
         "machine": info, "quick": args.quick, "images": len(photos), "labels": args.labels,
         "task_batch_size": args.task_batch_size, "embeddings_dtype": args.embeddings_dtype,
-        "checkpoint": "tiny test CLIP" if args.quick else "ViT-B/32 size, random weights",
+        "checkpoint": checkpoint_description(args.quick),
     }
     result.update(measure(args, checkpoint, photos, workdir))
     return result

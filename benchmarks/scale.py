@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import _stack  # noqa: E402
-from benchmarks._options import positive_float, positive_int  # noqa: E402
+from benchmarks._options import fill_defaults, positive_float, positive_int  # noqa: E402
 from producer.constants import JOB_KEY, JOBS_INDEX_KEY, MAX_BATCH_SIZE  # noqa: E402
 
 FORMATS = ("txt", "parquet", "txt.gz")
@@ -110,9 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the result JSON to this file")
     args = parser.parse_args(argv)
     defaults = {"uris": (20_000, 1_000_000), "keys": (2_000, 100_000), "timeout_s": (300.0, 1800.0)}
-    for name, (quick_value, full_value) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick_value if args.quick else full_value)
+    fill_defaults(args, defaults)
     return args
 
 

@@ -33,8 +33,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import _images, _model, _stack  # noqa: E402
-from benchmarks._options import positive_float, positive_int  # noqa: E402
-from benchmarks._runner import run_benchmark  # noqa: E402
+from benchmarks._options import fill_defaults, positive_float, positive_int  # noqa: E402
+from benchmarks._runner import checkpoint_description, run_benchmark  # noqa: E402
 
 TEMPLATE = "a photo of a {}."
 DEFAULT_MODEL_BATCH_SIZE = 32
@@ -86,9 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "images": (8, 512), "labels": ([10, 50], [10, 1000]), "pipeline_seconds": (5.0, 60.0),
         "pipeline_images_1000": (2, 8), "seconds": (1.0, 5.0),
     }
-    for name, (quick_value, full_value) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick_value if args.quick else full_value)
+    fill_defaults(args, defaults)
     return args
 
 
@@ -119,7 +117,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         (image_dir / name).write_bytes(data)
     checkpoint = _build_checkpoint(args, workdir / "checkpoint")
     result["images"] = len(photos)
-    result["checkpoint"] = "tiny test CLIP" if args.quick else "ViT-B/32 size, random weights"
+    result["checkpoint"] = checkpoint_description(args.quick)
 
     models = load_models(args, checkpoint, photos)
     result["a"], result["precision"], result["decode"] = measure_in_process(args, models, photos)
