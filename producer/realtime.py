@@ -4,7 +4,7 @@ A request travels like this:
 
 1. The sender stores the request's JSON under REALTIME_REQUEST_KEY (with a TTL) and appends its id to the
    REALTIME_PENDING_KEY list of the realtime queue. Then it sets the queue's REALTIME_WAKE_KEY if it is absent,
-   and sends one TASK_EMBED task to the queue only when it set the key. So the queue holds at most one wake-up
+   and sends one TASK_EMBED task to the queue only when it set the key. So the queue contains at most one wake-up
    task however many requests wait, and the length of the pending list measures the queue's load.
 2. A worker that takes a TASK_EMBED task deletes the wake key and, in the same transaction, pops up to
    CLIPFLEET_REALTIME_MAX_REQUESTS ids from the pending list, so the requests of many clients go through the model
@@ -91,7 +91,7 @@ class RealtimeRequest(BaseModel):
 
 
 class RealtimeError(BaseModel):
-    """Why a request failed. `status` is the HTTP status of the API's response."""
+    """The reason a request failed. `status` is the HTTP status of the API's response."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -104,7 +104,7 @@ class RealtimeError(BaseModel):
 
 
 class RealtimeReply(BaseModel):
-    """A worker's answer to one request: the embeddings of all its inputs, or the error that stopped it."""
+    """A worker's reply to one request: the embeddings of all its inputs, or the error that stopped it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -209,7 +209,7 @@ def wait_reply(
 
 
 def withdraw_request(client: redis.Redis, queue: str, request_id: str) -> None:
-    """Remove a request that nobody waits for any more, so no worker spends time on it. Idempotent."""
+    """Remove a request whose sender stopped waiting, so no worker spends time on it. Idempotent."""
     with client.pipeline() as pipe:
         pipe.lrem(REALTIME_PENDING_KEY.format(queue=queue), 1, request_id)
         pipe.delete(REALTIME_REQUEST_KEY.format(request_id=request_id))

@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     api_queue_high_water: int = Field(
         1000, ge=1, description="Embeddings requests fail with 429 while the realtime queue holds this many waiting requests or more"
     )
-    api_max_inputs: int = Field(2048, ge=1, description="Most inputs in one embeddings request")
+    api_max_inputs: int = Field(2048, ge=1, description="Maximum number of inputs in one embeddings request")
     api_max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest body of an embeddings request, in bytes; larger requests fail with 413"
     )

@@ -112,7 +112,7 @@ def embed_pending(runtime: WorkerRuntime, message: EmbedTaskMessage, worker: str
     Returns the number of requests replied to, 0 when another worker took them first. A message for another
     queue than this worker's CLIPFLEET_REALTIME_QUEUE is dropped, because that queue's requests may be for
     another model. `worker` names this worker in the replies. When requests are left in the queue, sends one
-    more TASK_EMBED wake-up with the Celery app `celery` before running the model; without `celery`, the waiting
+    more TASK_EMBED wake-up with the Celery app `celery` before running the model. Without `celery`, the waiting
     senders re-arm the queue themselves within a few seconds. Raises redis-py's errors when Redis fails while
     the requests are taken, which loses them; their senders time out. Not thread-safe (uses the model).
     """
@@ -327,7 +327,7 @@ def _encode_batch(loaded: LoadedModel, batch: list[tuple[PendingRequest, int, np
 
 
 def push_replies(client: redis.Redis, pending: list[PendingRequest], worker: str, errors_only: bool = False) -> None:
-    """Push the reply of each request not answered yet; with `errors_only`, of the failed ones only."""
+    """Push the reply of each request without one yet; with `errors_only`, of the failed ones only."""
     for item in pending:
         if item.replied or (errors_only and item.error is None):
             continue

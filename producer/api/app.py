@@ -156,7 +156,7 @@ class BodyLimit:
             received_bytes += len(message.get("body", b""))
             if received_bytes > limit_bytes:
                 error = body_too_large(received_bytes, limit_bytes, setting)
-                # Raised inside the route's body parsing, so FastAPI's exception handlers answer it.
+                # Raised inside the route's body parsing, so FastAPI's exception handlers turn it into the response.
                 raise StarletteHTTPException(error.status, error.message)
             return message
 

@@ -68,8 +68,10 @@ class BatchDriver:
     """
 
     def __init__(self, state: ApiState, poll_s: float = POLL_S, lease_s: float | None = None) -> None:
-        """`lease_s`: seconds after the last refresh before another server may take a batch over; by default
-        CLIPFLEET_PRODUCER_LEASE_S, since the API server is the producer of its batches' jobs."""
+        """`lease_s`: seconds after the last refresh before another server may take a batch over.
+
+        It defaults to CLIPFLEET_PRODUCER_LEASE_S, because the API server is the producer of its batches' jobs.
+        """
         self.state = state
         self.redis = state.client.store.redis  # retries through a Redis restart, unlike the request handlers' client
         self.poll_s = poll_s

@@ -27,7 +27,7 @@ from producer.storage import join_location
 
 @dataclass
 class Outcome:
-    """What a batch's requests got: the job rows and stored embeddings by group and URI, and the texts' replies."""
+    """The results of a batch's requests: the job rows and stored embeddings by group and URI, and the texts' replies."""
 
     plan: Plan
     status: str

@@ -267,7 +267,7 @@ def cancel_batch(batch_id: str, state: ApiState = Depends(get_state)) -> dict[st
 
 @router.get("/v1/batches", responses=error_responses(400, 401, 503))
 def list_batches(
-    limit: int = Query(20, ge=1, le=100, description="Most batches to return"),
+    limit: int = Query(20, ge=1, le=100, description="Maximum number of batches to return"),
     after: str | None = Query(None, description="A batch id: return the batches created before it"),
     state: ApiState = Depends(get_state),
 ) -> dict[str, Any]:

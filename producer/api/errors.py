@@ -33,7 +33,7 @@ ERROR_TYPES = {
 
 
 class ApiError(Exception):
-    """An error answered to the client. `message` names the bad value and what to do instead."""
+    """An error returned to the client. `message` names the bad value and what to do instead."""
 
     def __init__(
         self,
@@ -66,7 +66,7 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer every error, including FastAPI's own validation errors and unknown routes, in OpenAI's shape."""
+    """Return every error, including FastAPI's own validation errors and unknown routes, in OpenAI's shape."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:

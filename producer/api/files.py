@@ -177,7 +177,7 @@ def upload_file(
 @router.get("/v1/files", responses=error_responses(400, 401, 503))
 def list_files(
     purpose: str | None = Query(None, description="Only files with this purpose"),
-    limit: int = Query(10_000, ge=1, le=MAX_LIST_LIMIT, description="Most files to return"),
+    limit: int = Query(10_000, ge=1, le=MAX_LIST_LIMIT, description="Maximum number of files to return"),
     order: Literal["asc", "desc"] = Query("desc", description="By creation time"),
     after: str | None = Query(None, description="A file id: return the files after it in this order"),
     state: ApiState = Depends(get_state),

@@ -1,4 +1,4 @@
-"""What every request handler of the API server shares: settings, Redis, object storage and the Celery app."""
+"""The state that every request handler of the API server shares: settings, Redis, object storage and the Celery app."""
 
 from __future__ import annotations
 

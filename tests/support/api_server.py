@@ -36,7 +36,7 @@ class ApiServer:
 
 
 def start_api_server(log_dir: Path, redis_url: str, s3_endpoint_url: str | None = None, extra_env: dict[str, str] | None = None) -> ApiServer:
-    """Start `clipfleet serve` and wait until /healthz answers. Raises RuntimeError with the log's end if it exits first."""
+    """Start `clipfleet serve` and wait until /healthz returns 200. Raises RuntimeError with the log's end if it exits first."""
     port = free_port()
     env = dict(os.environ, CLIPFLEET_REDIS_URL=redis_url)
     if s3_endpoint_url:
