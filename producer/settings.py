@@ -6,7 +6,7 @@ import json
 from typing import Annotated, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from producer.constants import (
@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     )
     visibility_timeout_s: int = Field(900, ge=10)
     fetch_threads: int = Field(16, ge=1, le=256)
+    torch_threads: int | Literal["auto"] = Field(
+        "auto",
+        description="Threads each worker process gives the model on the CPU (torch's intra-op threads); `auto` divides "
+        "the CPUs the worker may use (its CPU affinity, capped by a cgroup CPU quota) among its pool processes, at least 1 each",
+    )
     fetch_timeout_s: float = Field(30.0, gt=0)
     max_delivery_attempts: int = Field(5, ge=1)
     shutdown_grace_s: float = Field(60.0, ge=0, description="Seconds a worker keeps running its batches after SIGTERM before it hands them back to the queue and exits; keep it below Kubernetes' terminationGracePeriodSeconds")
@@ -204,19 +209,20 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("queue_high_water", mode="before")
+    @field_validator("queue_high_water", "torch_threads", mode="before")
     @classmethod
-    def _parse_queue_high_water(cls, value: object) -> int | str:
+    def _parse_count_or_auto(cls, value: object, info: ValidationInfo) -> int | str:
         # Parsed here, so an invalid value gets one message instead of one per member of the union.
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
         try:
-            tasks = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+            count = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
         except ValueError:
-            tasks = None
-        if tasks is None or tasks < 1:
-            raise ValueError("use a whole number of tasks of at least 1, or auto")
-        return tasks
+            count = None
+        if count is None or count < 1:
+            unit = "threads" if info.field_name == "torch_threads" else "tasks"
+            raise ValueError(f"use a whole number of {unit} of at least 1, or auto")
+        return count
 
     @field_validator("log_level")
     @classmethod

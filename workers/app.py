@@ -162,13 +162,20 @@ _model_failed = multiprocessing.Value("i", 0)
 _models_loaded = multiprocessing.Value("i", 0)
 # The worker's registry entry, kept from the main process once the worker consumes tasks.
 _heartbeats: list[Heartbeat] = []
+# The worker's pool processes, read at start before the pool forks; `auto` torch threads divide the CPUs among them.
+_pool_processes = 1
 
 
 @signals.worker_init.connect
-def check_model_available(**_: Any) -> None:
+def check_model_available(sender: Any = None, **_: Any) -> None:
     """Fail the worker at start when Redis is not configured, the visibility timeout is too short for the fetch
-    timeout, or the model cannot be found."""
-    from workers.model import ModelLoadError, resolve_checkpoint
+    timeout, or the model cannot be found. Records the number of pool processes."""
+    from workers.model import ModelLoadError, resolve_checkpoint, usable_cpus
+
+    global _pool_processes
+    concurrency = getattr(sender, "concurrency", None)
+    # Celery resolves `--concurrency auto` after this signal, to the CPUs that usable_cpus() counts.
+    _pool_processes = concurrency if isinstance(concurrency, int) and concurrency >= 1 else usable_cpus()
 
     # Celery logs and ignores exceptions raised by signal handlers; SystemExit is not caught, so it stops the worker.
     if not settings.redis_url:
@@ -196,10 +203,18 @@ def load_model_in_pool_process(**_: Any) -> None:
     A pool process that cannot load the model (for example CLIPFLEET_DEVICE=cuda without a GPU) sends the
     parent SIGTERM (a warm shutdown) and exits, because every batch it took would fail.
     """
-    from workers.model import ModelLoadError
+    import torch
+
+    from workers.model import ModelLoadError, choose_torch_threads, usable_cpus
     from workers.runtime import get_runtime
 
     health.pool_process_started()
+    cpus = usable_cpus()
+    torch.set_num_threads(choose_torch_threads(settings.torch_threads, _pool_processes, cpus))
+    logger.info(
+        "Pool process %d runs the model on %d torch threads (CLIPFLEET_TORCH_THREADS=%s, %d pool processes, %d usable CPUs)",
+        os.getpid(), torch.get_num_threads(), settings.torch_threads, _pool_processes, cpus,
+    )
     try:
         get_runtime().model(settings.model, settings.model_revision)
     except ModelLoadError as e:

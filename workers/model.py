@@ -110,6 +110,26 @@ def choose_dtype(setting: str, device: Any, cpu_flags: frozenset[str] | None = N
     return torch.bfloat16 if flags & BF16_CPU_FLAGS else torch.float32
 
 
+def choose_torch_threads(setting: int | str, pool_processes: int, cpus: int) -> int:
+    """Return the intra-op threads of one worker process: `setting` when it is a number, else for `auto`
+    the `cpus` that the worker may use divided among its `pool_processes`, at least 1.
+
+    Several processes that each run as many threads as there are CPUs make the threads of each forward
+    pass wait for one another on a busy CPU, and torch's default ignores a container's CPU quota.
+    """
+    if setting != "auto":
+        return int(setting)
+    return max(1, cpus // max(1, pool_processes))
+
+
+def usable_cpus() -> int:
+    """Return the CPUs this process may use: its CPU affinity, capped by a cgroup CPU quota rounded up, as
+    Celery counts them for `--concurrency auto`."""
+    from celery.utils.sysinfo import cpu_budget
+
+    return cpu_budget(use_cgroup_quota=True).count
+
+
 def read_cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> frozenset[str]:
     """Return the CPU feature flags listed in /proc/cpuinfo, or an empty set where that file is missing (not Linux)."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -15,9 +16,11 @@ from workers.model import (
     _snapshot_revision,
     choose_device,
     choose_dtype,
+    choose_torch_threads,
     load_model,
     read_cpu_flags,
     resolve_checkpoint,
+    usable_cpus,
 )
 
 MISSING_HUB_ID = "no-such-org/no-such-model-xyz"
@@ -203,3 +206,15 @@ def test_load_model_rejects_pickle_weights(tiny_clip_dir: Path, tmp_path: Path) 
     with pytest.raises(ModelLoadError) as caught:
         load_model(str(folder), device="cpu", dtype="float32")
     assert "model.safetensors" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "processes", "cpus", "expected"),
+    [("auto", 1, 2, 2), ("auto", 2, 2, 1), ("auto", 3, 2, 1), ("auto", 6, 16, 2), ("auto", 4, 16, 4), (3, 2, 2, 3), (1, 1, 64, 1)],
+)
+def test_choose_torch_threads(setting: int | str, processes: int, cpus: int, expected: int) -> None:
+    assert choose_torch_threads(setting, processes, cpus) == expected
+
+
+def test_usable_cpus_within_affinity() -> None:
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
