@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,17 @@ def forward_image_tower(loaded: Any, pixel_values: torch.Tensor) -> torch.Tensor
     if loaded.device.type == "cuda":
         torch.cuda.synchronize(loaded.device)  # CUDA runs asynchronously; time the finished forward pass
     return features
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with `threads` torch intra-op threads, then restore the previous number."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def images_per_second(loaded: Any, pixels: np.ndarray, batch_size: int, min_seconds: float, statistic: str = "median") -> float:

@@ -119,6 +119,21 @@ def upload(s3_client: Any, bucket: str, prefix: str, photos: list[tuple[str, byt
             future.result()
 
 
+def fetch_cpu_ms(endpoint_url: str, uris: list[str], threads: int) -> float:
+    """Return the CPU milliseconds per image that this process spends reading `uris` with the worker's S3
+    client (`workers.fetch.fetch_bytes` on a `producer.storage.Storage`) from `threads` threads. The S3
+    server's CPU is not included: moto runs in its own process."""
+    from producer.storage import Storage
+    from workers.fetch import fetch_bytes
+
+    storage = Storage(endpoint_url, threads + 4)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda uri: fetch_bytes(storage, uri, 2**30, [], None), uris[:threads]))  # open the connections
+        started = time.process_time()
+        list(pool.map(lambda uri: fetch_bytes(storage, uri, 2**30, [], None), uris))
+        return 1000.0 * (time.process_time() - started) / len(uris)
+
+
 @dataclass
 class ResourceSample:
     """CPU counters read at one moment: the machine's, and the CPU seconds of the moto and worker processes."""

@@ -183,6 +183,17 @@ def bracket_rate(args: argparse.Namespace, models: InProcessModels) -> float:
     return max(rates)
 
 
+def one_thread_rate(args: argparse.Namespace, models: InProcessModels) -> float | None:
+    """Return the worker dtype's mean rate on one torch thread at the worker's model batch size, on the CPU only.
+
+    One thread costs the least CPU per image: with more threads, each forward pass also spends CPU on threads
+    that wait for one another. None on a GPU, where the tower does not run on the CPU."""
+    if models.worker.device.type != "cpu":
+        return None
+    with _model.torch_threads(1):
+        return _model.images_per_second(models.worker, models.pixels, model_batch_size(), args.seconds / 2, statistic="mean")
+
+
 def measure_forward_rates(args: argparse.Namespace, fp32: Any, worker: Any, pixels: Any) -> dict[str, Any]:
     """Measure (a): images/s of the bare image tower in float32 and the worker's dtype, per batch size."""
     import torch
@@ -277,6 +288,10 @@ def measure_end_to_end(
         print(f"  worker ready in {time.perf_counter() - started:.1f} s (model load {load_s} s); "
               f"CLIPFLEET_DTYPE={args.dtype}, image tower in {tower_dtype}, {args.worker_processes} pool process(es)")
         results.update(model_load_s=load_s, worker_dtype=tower_dtype)
+        uris = [f"s3://{INPUT_BUCKET}/images/{name}" for name, _ in photos[:IN_PROCESS_IMAGES]]
+        results["s3_client_cpu_ms_per_image"] = _stack.fetch_cpu_ms(moto.endpoint_url, uris, default_fetch_threads)
+        print(f"  S3 client CPU: {results['s3_client_cpu_ms_per_image']:.2f} ms per image "
+              f"(the worker's fetch code reading {len(uris)} images in this process, {default_fetch_threads} threads)")
 
         client = Client(Settings(redis_url=redis_server.url, s3_endpoint_url=moto.endpoint_url, model=str(checkpoint)))
         for count in args.labels:
@@ -295,12 +310,12 @@ def run_label_set(
     log_text = worker.log_path.read_text(errors="replace")
     cold_prompt_s = _stack.cold_prompt_s(log_text, warmup.id)
 
-    a_before = bracket_rate(args, models)
+    a_before, one_thread_before = bracket_rate(args, models), one_thread_rate(args, models)
     before = _stack.sample_resources(moto.pid, worker.process.pid)
     job = _submit(args, client, "images/", labels, f"measured-{count}")
     status = job.wait(timeout_s=timeout_s, progress=False, poll_s=0.2)
     after = _stack.sample_resources(moto.pid, worker.process.pid)
-    a_after = bracket_rate(args, models)
+    a_after, one_thread_after = bracket_rate(args, models), one_thread_rate(args, models)
     shares = _stack.cpu_shares(before, after, images)
     rss = _stack.peak_rss_mb(worker.process.pid)
     profile = _stack.stage_profile(worker.log_path.read_text(errors="replace"), job.id)
@@ -310,7 +325,9 @@ def run_label_set(
         "state": status.state, "total": status.total, "succeeded": status.succeeded, "failed": status.failed,
         "warmup_state": warmup_status.state, "cold_prompt_s": cold_prompt_s, "job_s": job_s,
         "images_per_s": images / job_s if job_s > 0 else math.nan, "a_before": a_before, "a_after": a_after,
-        "a_bracket": (a_before + a_after) / 2, "peak_rss_main_mb": rss["main_mb"],
+        "a_bracket": (a_before + a_after) / 2,
+        "a_one_thread": (one_thread_before + one_thread_after) / 2 if one_thread_before and one_thread_after else None,
+        "peak_rss_main_mb": rss["main_mb"],
         "peak_rss_pool_mb": rss["pool_mb"], **shares, "batches": profile.batches, "stages_s": profile.seconds,
     }
     _print_label_set(count, row)
@@ -387,14 +404,41 @@ def report_ratios(result: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str
     _section("Ratios (a = faster of float32 and the worker's dtype at the worker's model batch size, mean of its rates timed right before and after the job)")
     ratios: dict[str, Any] = {"b_over_a": {}, "b_over_c": {}}
     goals = []
+    ratios["b_over_a_bound"] = {}
     for count in result["labels"]:
         b = result["b"][str(count)]["images_per_s"]
         ratios["b_over_a"][str(count)] = b / result["b"][str(count)]["a_bracket"]
         goals.append(_goal(f"b/a, {count} labels", ratios["b_over_a"][str(count)], GOAL_B_OVER_A, result["quick"]))
+        ratios["b_over_a_bound"][str(count)] = _print_cpu_bound(result, count)
         if "c" in result:
             ratios["b_over_c"][str(count)] = b / result["c"][str(count)]["images_per_s"]
             goals.append(_goal(f"b/c, {count} labels", ratios["b_over_c"][str(count)], GOALS_B_OVER_C.get(count), result["quick"]))
     return ratios, goals
+
+
+def _print_cpu_bound(result: dict[str, Any], count: int) -> float | None:
+    """Print and return the highest b/a that the CPU work per image allows, or None when the model runs on a GPU.
+
+    The tower needs at least the CPU per image of its one-thread rate, and at most cores / a, since it keeps
+    every core busy while (a) runs. End to end, the S3 server, the S3 client and the decoding share the same
+    cores. Even with no idle core and no other overhead, b is then at most
+    cores / (model + S3 server + S3 client + decode) images/s.
+    """
+    row = result["b"][str(count)]
+    if row.get("a_one_thread") is None:
+        print(f"  {'b/a upper bound':22s} not computed: the tower does not run on the CPU")
+        return None
+    decode = result["decode"].get("draft_on") or result["decode"].get("draft_off") or {"ms": math.nan}
+    cores = psutil.cpu_count() or 1
+    model_ms = min(1000.0 / row["a_one_thread"], 1000.0 * cores / row["a_bracket"])
+    other_ms = {"S3 server": row["moto_cpu_ms_per_image"], "S3 client": result["b"]["s3_client_cpu_ms_per_image"], "decode and preprocess": decode["ms"]}
+    bound = 1000.0 * cores / (model_ms + sum(other_ms.values())) / row["a_bracket"]
+    parts = " + ".join(f"{value:.1f} {name}" for name, value in other_ms.items())
+    print(f"  {f'b/a bound, {count} labels':22s} {bound:10.3f}   = {cores} cores / ({model_ms:.1f} model on one thread + {parts}) ms "
+          f"of CPU per image, divided by a")
+    if not result["quick"] and bound < GOAL_B_OVER_A:
+        print(f"  {'':22s} below the goal: the CPU work per image leaves no way to reach b/a >= {GOAL_B_OVER_A:g} on this machine")
+    return bound
 
 
 def _goal(name: str, value: float, minimum: float | None, quick: bool) -> dict[str, Any]:

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     fetch_threads: int = Field(16, ge=1, le=256)
     torch_threads: int | Literal["auto"] = Field(
         "auto",
-        description="Threads each worker process gives the model on the CPU (torch's intra-op threads); `auto` divides "
+        description="Threads each worker process gives the model on the CPU (torch's intra-op threads). `auto` divides "
         "the CPUs the worker may use (its CPU affinity, capped by a cgroup CPU quota) among its pool processes, at least 1 each",
     )
     fetch_timeout_s: float = Field(30.0, gt=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,20 @@ def test_quick_run_reports_ratios(quick_result: dict[str, Any]) -> None:
     # The tiny checkpoint's speed tells nothing about the goals, so quick mode does not judge them.
     verdicts = {goal["verdict"].split(":")[0] for goal in quick_result["goals"]}
     assert verdicts <= {"not judged", "no goal"}
+
+
+def test_quick_run_cpu_bound(quick_result: dict[str, Any]) -> None:
+    client_ms = quick_result["b"]["s3_client_cpu_ms_per_image"]
+    assert positive_finite(client_ms)
+    cores = os.cpu_count() or 1
+    for count in quick_result["labels"]:
+        row = quick_result["b"][str(count)]
+        assert positive_finite(row["a_one_thread"])
+        model_ms = min(1000.0 / row["a_one_thread"], 1000.0 * cores / row["a_bracket"])
+        other_ms = row["moto_cpu_ms_per_image"] + client_ms + quick_result["decode"]["draft_on"]["ms"]
+        bound = quick_result["ratios"]["b_over_a_bound"][str(count)]
+        assert positive_finite(bound)
+        assert bound == pytest.approx(1000.0 * cores / (model_ms + other_ms) / row["a_bracket"], rel=1e-9)
 
 
 def test_quick_run_reports_precision(quick_result: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ def pool_thread_lines(log_path: Path, processes: int) -> list[tuple[str, ...]]:
         time.sleep(0.2)
 
 
-def test_auto_divides_the_cpus_among_pool_processes(tmp_path: Path, redis_server, tiny_clip_dir: Path) -> None:
+def test_auto_threads_divide_cpus(tmp_path: Path, redis_server, tiny_clip_dir: Path) -> None:
     worker = start_worker(tmp_path, redis_server.url, tiny_clip_dir, concurrency=2)
     try:
         lines = pool_thread_lines(worker.log_path, 2)
@@ -36,7 +36,7 @@ def test_auto_divides_the_cpus_among_pool_processes(tmp_path: Path, redis_server
     assert [(threads, setting, processes) for _, threads, setting, processes in lines] == [(str(expected), "auto", "2")] * 2
 
 
-def test_setting_fixes_the_threads(tmp_path: Path, redis_server, tiny_clip_dir: Path) -> None:
+def test_fixed_torch_threads(tmp_path: Path, redis_server, tiny_clip_dir: Path) -> None:
     worker = start_worker(tmp_path, redis_server.url, tiny_clip_dir, extra_env={"CLIPFLEET_TORCH_THREADS": "3"})
     try:
         lines = pool_thread_lines(worker.log_path, 1)
@@ -46,7 +46,7 @@ def test_setting_fixes_the_threads(tmp_path: Path, redis_server, tiny_clip_dir: 
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
-def test_invalid_setting_is_rejected(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_torch_threads_rejected(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
     from producer.settings import Settings

@@ -162,7 +162,7 @@ _model_failed = multiprocessing.Value("i", 0)
 _models_loaded = multiprocessing.Value("i", 0)
 # The worker's registry entry, kept from the main process once the worker consumes tasks.
 _heartbeats: list[Heartbeat] = []
-# The worker's pool processes, read at start before the pool forks; `auto` torch threads divide the CPUs among them.
+# The worker's pool processes, read at start before the pool forks. `auto` torch threads divide the CPUs among them.
 _pool_processes = 1
 
 
