@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -35,6 +33,7 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks import _images, _model, _stack  # noqa: E402
 from benchmarks._options import fill_defaults, positive_float, positive_int  # noqa: E402
 from benchmarks._runner import checkpoint_description, run_benchmark  # noqa: E402
+from workers.model import usable_cpus  # noqa: E402
 
 TEMPLATE = "a photo of a {}."
 DEFAULT_MODEL_BATCH_SIZE = 32
@@ -350,7 +349,7 @@ def _print_label_set(count: int, row: dict[str, Any]) -> None:
           f"({row['job_s']:.2f} s from first batch start to last shard); cold prompt encoding {cold} (warm-up job)")
     print(f"    peak RSS since the worker started: main {row['peak_rss_main_mb']:.0f} MiB, pool process {row['peak_rss_pool_mb']:.0f} MiB; "
           f"moto CPU {row['moto_cpu_percent']:.1f}% of all cores; machine CPU {row['machine_cpu_percent']:.0f}%")
-    model_cpu_ms = 1000.0 * (psutil.cpu_count() or 1) / row["a_bracket"]
+    model_cpu_ms = 1000.0 * usable_cpus() / row["a_bracket"]
     print(f"    (a) right before / after the job: {row['a_before']:.1f} / {row['a_after']:.1f} images/s; CPU per image: worker "
           f"{row['worker_cpu_ms_per_image']:.1f} ms (the bare tower would take {model_cpu_ms:.1f} ms at (a) on all cores), "
           f"moto {row['moto_cpu_ms_per_image']:.1f} ms")
@@ -429,12 +428,13 @@ def _print_cpu_bound(result: dict[str, Any], count: int) -> float | None:
         print(f"  {'b/a upper bound':22s} not computed: the tower does not run on the CPU")
         return None
     decode = result["decode"].get("draft_on") or result["decode"].get("draft_off") or {"ms": math.nan}
-    cores = psutil.cpu_count() or 1
-    model_ms = min(1000.0 / row["a_one_thread"], 1000.0 * cores / row["a_bracket"])
+    cores = usable_cpus()
+    one_thread_ms, all_cores_ms = 1000.0 / row["a_one_thread"], 1000.0 * cores / row["a_bracket"]
+    model_ms, model_name = (one_thread_ms, "model on one thread") if one_thread_ms <= all_cores_ms else (all_cores_ms, "model at a")
     other_ms = {"S3 server": row["moto_cpu_ms_per_image"], "S3 client": result["b"]["s3_client_cpu_ms_per_image"], "decode and preprocess": decode["ms"]}
     bound = 1000.0 * cores / (model_ms + sum(other_ms.values())) / row["a_bracket"]
     parts = " + ".join(f"{value:.1f} {name}" for name, value in other_ms.items())
-    print(f"  {f'b/a bound, {count} labels':22s} {bound:10.3f}   = {cores} cores / ({model_ms:.1f} model on one thread + {parts}) ms "
+    print(f"  {f'b/a bound, {count} labels':22s} {bound:10.3f}   = {cores} cores / ({model_ms:.1f} {model_name} + {parts}) ms "
           f"of CPU per image, divided by a")
     if not result["quick"] and bound < GOAL_B_OVER_A:
         print(f"  {'':22s} below the goal: the CPU work per image leaves no way to reach b/a >= {GOAL_B_OVER_A:g} on this machine")

@@ -24,6 +24,9 @@ REDIS_TLS_PARAMETERS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert
 # redis-py rejects `CERT_REQUIRED` while kombu reads an unknown value as "no certificate check", so only the
 # lowercase names that both read alike are accepted.
 REDIS_CERT_REQS = ("none", "optional", "required")
+# Largest CLIPFLEET_TORCH_THREADS. OpenMP failed to start 100,000 threads and crashed the first forward pass,
+# and 1,024 is more than the CPUs of common two-socket servers.
+MAX_TORCH_THREADS = 1024
 
 
 def check_redis_tls_parameters(url: str) -> None:
@@ -113,7 +116,8 @@ class Settings(BaseSettings):
     fetch_threads: int = Field(16, ge=1, le=256)
     torch_threads: int | Literal["auto"] = Field(
         "auto",
-        description="Threads each worker process gives the model on the CPU (torch's intra-op threads). `auto` divides "
+        description="Threads each pool process of a worker gives the model on the CPU (torch's intra-op threads), "
+        f"up to {MAX_TORCH_THREADS}. `auto` divides "
         "the CPUs the worker may use (its CPU affinity, capped by a cgroup CPU quota) among its pool processes, at least 1 each",
     )
     fetch_timeout_s: float = Field(30.0, gt=0)
@@ -219,9 +223,11 @@ class Settings(BaseSettings):
             count = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
         except ValueError:
             count = None
-        if count is None or count < 1:
-            unit = "threads" if info.field_name == "torch_threads" else "tasks"
-            raise ValueError(f"use a whole number of {unit} of at least 1, or auto")
+        if info.field_name == "torch_threads":
+            if count is None or not 1 <= count <= MAX_TORCH_THREADS:
+                raise ValueError(f"use a whole number of threads from 1 to {MAX_TORCH_THREADS}, or auto")
+        elif count is None or count < 1:
+            raise ValueError("use a whole number of tasks of at least 1, or auto")
         return count
 
     @field_validator("log_level")

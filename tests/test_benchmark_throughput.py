@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from workers.model import usable_cpus
 from workers.preprocess import DRAFT_MEAN_ABS_DIFF_LEVELS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def test_quick_run_reports_ratios(quick_result: dict[str, Any]) -> None:
 def test_quick_run_cpu_bound(quick_result: dict[str, Any]) -> None:
     client_ms = quick_result["b"]["s3_client_cpu_ms_per_image"]
     assert positive_finite(client_ms)
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     for count in quick_result["labels"]:
         row = quick_result["b"][str(count)]
         assert positive_finite(row["a_one_thread"])

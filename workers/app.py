@@ -174,8 +174,13 @@ def check_model_available(sender: Any = None, **_: Any) -> None:
 
     global _pool_processes
     concurrency = getattr(sender, "concurrency", None)
-    # Celery resolves `--concurrency auto` after this signal, to the CPUs that usable_cpus() counts.
-    _pool_processes = concurrency if isinstance(concurrency, int) and concurrency >= 1 else usable_cpus()
+    if not _forks_pool_processes(getattr(sender, "pool_cls", "prefork")):
+        _pool_processes = 1  # solo and thread pools run every task in this one process
+    elif isinstance(concurrency, int) and concurrency >= 1:
+        _pool_processes = concurrency
+    else:
+        # Celery resolves `--concurrency auto` after this signal, to the CPUs that usable_cpus() counts.
+        _pool_processes = usable_cpus()
 
     # Celery logs and ignores exceptions raised by signal handlers; SystemExit is not caught, so it stops the worker.
     if not settings.redis_url:
@@ -196,6 +201,18 @@ def check_model_available(sender: Any = None, **_: Any) -> None:
     logger.info("Model %s found at %s", settings.model, path)
 
 
+def _forks_pool_processes(pool_cls: Any) -> bool:
+    """Return whether the Celery pool `pool_cls` (an alias such as "solo", or a class) runs tasks in forked processes."""
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool
+
+    try:
+        implementation = get_implementation(pool_cls)
+    except (ImportError, AttributeError, KeyError, ValueError):
+        return True  # Celery rejects an unknown pool itself, after this signal
+    return isinstance(implementation, type) and issubclass(implementation, TaskPool)
+
+
 @signals.worker_process_init.connect
 def load_model_in_pool_process(**_: Any) -> None:
     """Load the default model in a freshly forked pool process, before it takes a task.
@@ -211,8 +228,14 @@ def load_model_in_pool_process(**_: Any) -> None:
     health.pool_process_started()
     cpus = usable_cpus()
     torch.set_num_threads(choose_torch_threads(settings.torch_threads, _pool_processes, cpus))
+    if isinstance(settings.torch_threads, int) and settings.torch_threads * _pool_processes > cpus:
+        logger.warning(
+            "CLIPFLEET_TORCH_THREADS=%d in %d pool processes is more threads than the %d usable CPUs, so they compete "
+            "for them; use auto or at most %d",
+            settings.torch_threads, _pool_processes, cpus, max(1, cpus // _pool_processes),
+        )
     logger.info(
-        "Pool process %d runs the model on %d torch threads (CLIPFLEET_TORCH_THREADS=%s, %d pool processes, %d usable CPUs)",
+        "Pool process %d runs the model with torch threads=%d (CLIPFLEET_TORCH_THREADS=%s, pool processes=%d, usable CPUs=%d)",
         os.getpid(), torch.get_num_threads(), settings.torch_threads, _pool_processes, cpus,
     )
     try:

@@ -26,9 +26,9 @@ def start_worker(
     s3_endpoint_url: str | None = None,
     extra_env: dict[str, str] | None = None,
     app_module: str = "workers.app",
-    concurrency: int = 1,
+    concurrency: int | str = 1,
 ) -> ManagedProcess:
-    """Start `celery -A APP_MODULE worker` with `concurrency` pool processes and wait until it is ready for tasks.
+    """Start `celery -A APP_MODULE worker` with `concurrency` pool processes (a number or "auto") and wait until it is ready for tasks.
 
     `app_module` names the module of the Celery app, `workers.app` unless a test starts a variant of it.
     Raises RuntimeError, with the end of the worker's log, when the worker exits before it is ready.
