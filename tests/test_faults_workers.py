@@ -26,7 +26,7 @@ from botocore.client import BaseClient
 from producer import Client, Settings
 from producer.constants import DEFAULT_QUEUE, JOB_ATTEMPTS_KEY
 from producer.embedded import ManagedProcess
-from tests.support.poison_app import HANG_MARKER, POISON_APP_MODULE, POISON_MARKER
+from tests.support.poison_app import HANG_MARKER, POISON_APP_MODULE, POISON_MARKER, START_DELAY_ENV
 from tests.support.s3proxy import S3FaultProxy
 from tests.support.servers import S3Server
 from tests.support.worker import start_worker
@@ -407,3 +407,27 @@ def test_poison_batch_capped_then_recorded(stack: FaultStack) -> None:
     assert worker.running(), "the main process survives its pool processes"
     assert len(pool_pids) == 1
     assert pool_pids[0] != first_pool_pid, "the main process forks a new pool process after each kill"
+
+
+# A pool process that takes long to start.
+
+
+def test_slow_pool_process_start_kept(stack: FaultStack) -> None:
+    # Celery's main process kills a replacement pool process that has not reported within
+    # worker_proc_alive_timeout (4 s unless set), and loading a model can take longer. The poisoned batch
+    # kills the first pool process, so a replacement must start slowly and record the batch as failed.
+    delay_s = 6.0
+    names = [f"{group}-{i}.jpg" for group in ("a", f"b-{POISON_MARKER}") for i in range(3)]
+    uris = stack.upload("slow-start", names)
+    env = {START_DELAY_ENV: str(delay_s), "CLIPFLEET_MAX_DELIVERY_ATTEMPTS": "1"}
+    worker = stack.start_worker(env, app_module=POISON_APP_MODULE)
+
+    job = stack.submit("slow-start", batch_size=3)
+    status = job.wait(timeout_s=90, progress=False)
+    lines = log_lines(worker)
+
+    assert status.state == "succeeded"
+    assert not [line for line in lines if "Timed out waiting for UP message" in line], lines[-30:]
+    assert len([line for line in lines if "runs the model with torch threads=" in line]) == 2, lines[-30:]
+    assert error_codes(job) == Counter({None: 3, "delivery_attempts_exceeded": 3})
+    assert_each_input_once(row_counts(job), uris)

@@ -99,6 +99,10 @@ def check_visibility_timeout(settings: Settings) -> None:
         )
 
 
+# Seconds a new pool process may take to import torch and load the model before the main process gives up on it.
+POOL_PROCESS_START_TIMEOUT_S = 300.0
+
+
 def worker_config(settings: Settings) -> dict[str, Any]:
     """Return the worker-only Celery settings that add to `producer.queue.celery_config`.
 
@@ -107,6 +111,9 @@ def worker_config(settings: Settings) -> dict[str, Any]:
       being acknowledged and lost. The delivery cap ends a batch that times out on every delivery.
     - `worker_soft_shutdown_timeout = 0`: the cold shutdown that ends the grace period after SIGTERM (see
       `begin_bounded_shutdown`) terminates running batches at once instead of sleeping first.
+    - `worker_proc_alive_timeout`: a pool process loads the model before it reports to the main process, which
+      takes longer than Celery's default of 4 s on a slow or busy host or for a large model. The main process
+      would then kill it with SIGKILL and start another, again and again. POOL_PROCESS_START_TIMEOUT_S waits longer.
     - `broker_transport_options`: the visibility timeout of `celery_config`, plus a sweep for overdue
       unacknowledged messages every `restore_interval_s`, and `queue_order_strategy = "priority"`: kombu 5.7's
       Redis transport then always polls the consumed queues in their given order (`consumed_queues`), instead of
@@ -123,6 +130,7 @@ def worker_config(settings: Settings) -> dict[str, Any]:
         "task_acks_on_timeout": False,
         "worker_soft_shutdown_timeout": 0.0,
         "worker_enable_soft_shutdown_on_idle": False,
+        "worker_proc_alive_timeout": POOL_PROCESS_START_TIMEOUT_S,
         "broker_transport_options": transport_options,
     }
 

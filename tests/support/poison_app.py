@@ -6,6 +6,8 @@ Start it with `celery -A tests.support.poison_app worker` (`start_worker(..., ap
   image, as a segfault in an image decoder would.
 - A batch with a URI that contains :data:`HANG_MARKER` ignores its soft time limit and sleeps, as a call
   stuck in native code would, until the hard time limit kills the pool process.
+- :data:`START_DELAY_ENV` in the environment makes each pool process sleep that many seconds before it
+  reports to the main process, as a slow model load would.
 
 The product code is unchanged: the patches replace functions of `workers.pipeline` in each pool process
 after the fork, so the parent never imports torch.
@@ -23,12 +25,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from workers.app import app
 
-__all__ = ["HANG_MARKER", "POISON_APP_MODULE", "POISON_MARKER", "app"]
+__all__ = ["HANG_MARKER", "POISON_APP_MODULE", "POISON_MARKER", "START_DELAY_ENV", "app"]
 
 POISON_APP_MODULE = __name__
 POISON_MARKER = "poison"
 HANG_MARKER = "hang"
 HANG_S = 3600.0
+# Seconds each pool process sleeps after the fork, before it reports to the main process, as a slow model load would.
+START_DELAY_ENV = "CLIPFLEET_TEST_POOL_START_DELAY_S"
 
 
 def _contains_marker(marker: str, values: tuple[Any, ...]) -> bool:
@@ -66,3 +70,4 @@ def install_faulty_functions(**_: Any) -> None:
 
     pipeline.load_pixels = load_pixels_or_die
     pipeline.classify_uris = classify_uris_or_hang
+    time.sleep(float(os.environ.get(START_DELAY_ENV, "0")))
