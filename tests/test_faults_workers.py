@@ -26,7 +26,12 @@ from botocore.client import BaseClient
 from producer import Client, Settings
 from producer.constants import DEFAULT_QUEUE, JOB_ATTEMPTS_KEY
 from producer.embedded import ManagedProcess
-from tests.support.poison_app import HANG_MARKER, POISON_APP_MODULE, POISON_MARKER, START_DELAY_ENV
+from tests.support.poison_app import (
+    HANG_MARKER,
+    POISON_APP_MODULE,
+    POISON_MARKER,
+    START_DELAY_ENV,
+)
 from tests.support.s3proxy import S3FaultProxy
 from tests.support.servers import S3Server
 from tests.support.worker import start_worker
