@@ -401,9 +401,8 @@ def measure_pipeline(args: argparse.Namespace, checkpoint: Path, paths: list[str
 def report_ratios(result: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Print b/a and b/c per label count next to their goals. Returns the ratios and the goal checks."""
     _section("Ratios (a = faster of float32 and the worker's dtype at the worker's model batch size, mean of its rates timed right before and after the job)")
-    ratios: dict[str, Any] = {"b_over_a": {}, "b_over_c": {}}
+    ratios: dict[str, Any] = {"b_over_a": {}, "b_over_a_bound": {}, "b_over_c": {}}
     goals = []
-    ratios["b_over_a_bound"] = {}
     for count in result["labels"]:
         b = result["b"][str(count)]["images_per_s"]
         ratios["b_over_a"][str(count)] = b / result["b"][str(count)]["a_bracket"]

@@ -111,9 +111,10 @@ def worker_config(settings: Settings) -> dict[str, Any]:
       being acknowledged and lost. The delivery cap ends a batch that times out on every delivery.
     - `worker_soft_shutdown_timeout = 0`: the cold shutdown that ends the grace period after SIGTERM (see
       `begin_bounded_shutdown`) terminates running batches at once instead of sleeping first.
-    - `worker_proc_alive_timeout`: a pool process loads the model before it reports to the main process, which
-      takes longer than Celery's default of 4 s on a slow or busy host or for a large model. The main process
-      would then kill it with SIGKILL and start another, again and again. POOL_PROCESS_START_TIMEOUT_S waits longer.
+    - `worker_proc_alive_timeout`: a pool process reports to the main process only after it has loaded the
+      model. For a pool process that replaces a lost one, the main process waits 4 s by default and then kills
+      it with SIGKILL and starts another. A busy host or a large model takes longer, so every replacement was
+      killed in turn. POOL_PROCESS_START_TIMEOUT_S waits longer.
     - `broker_transport_options`: the visibility timeout of `celery_config`, plus a sweep for overdue
       unacknowledged messages every `restore_interval_s`, and `queue_order_strategy = "priority"`: kombu 5.7's
       Redis transport then always polls the consumed queues in their given order (`consumed_queues`), instead of
@@ -175,10 +176,9 @@ _pool_processes = 1
 
 
 @signals.worker_init.connect
-def check_model_available(sender: Any = None, **_: Any) -> None:
-    """Fail the worker at start when Redis is not configured, the visibility timeout is too short for the fetch
-    timeout, or the model cannot be found. Records the number of pool processes."""
-    from workers.model import ModelLoadError, resolve_checkpoint, usable_cpus
+def record_pool_processes(sender: Any = None, **_: Any) -> None:
+    """Record how many pool processes the worker starts, before the pool forks, for `auto` torch threads."""
+    from workers.model import usable_cpus
 
     global _pool_processes
     concurrency = getattr(sender, "concurrency", None)
@@ -189,6 +189,13 @@ def check_model_available(sender: Any = None, **_: Any) -> None:
     else:
         # Celery resolves `--concurrency auto` after this signal, to the CPUs that usable_cpus() counts.
         _pool_processes = usable_cpus()
+
+
+@signals.worker_init.connect
+def check_model_available(**_: Any) -> None:
+    """Fail the worker at start when Redis is not configured, the visibility timeout is too short for the fetch
+    timeout, or the model cannot be found."""
+    from workers.model import ModelLoadError, resolve_checkpoint
 
     # Celery logs and ignores exceptions raised by signal handlers; SystemExit is not caught, so it stops the worker.
     if not settings.redis_url:
